@@ -1,0 +1,15 @@
+"""Replacement blocks and their registry. Importing this package registers the bundled blocks."""
+
+from ._carry import CarryBuilder, CarryRecord
+from ._registry import BlockContext, get_block, is_block, list_blocks, register_block, unregister_block
+
+__all__ = [
+    "BlockContext",
+    "CarryBuilder",
+    "CarryRecord",
+    "get_block",
+    "is_block",
+    "list_blocks",
+    "register_block",
+    "unregister_block",
+]
