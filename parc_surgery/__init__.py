@@ -1,5 +1,15 @@
-"""parc-surgery: swap ViT attention and deep conv stages for ParC blocks, carry weights, prove the result."""
+"""parc-surgery: swap ViT attention and deep conv stages for ParC blocks, carry weights, prove the result.
 
+Quickstart::
+
+    import timm, parc_surgery
+    model = timm.create_model("mobilevit_s", pretrained=False)
+    conv = parc_surgery.convert(model, "vit2parc")   # ParC-Net-S
+    print(conv.report.to_markdown())
+"""
+
+from .api import Candidates, Conversion, convert, list_candidates
+from .blocks import BlockContext, CarryRecord, get_block, list_blocks, register_block
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -10,19 +20,42 @@ from .errors import (
     UnsupportedTargetError,
     ValidationError,
 )
+from .flops import count_macs, count_params
 from .ops import ParC
+from .plan import Plan
+from .report import Check, Report
+from .rule import Rule, list_rules, load_rule
+from .types import register_type
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockContext",
+    "Candidates",
+    "CarryRecord",
+    "Check",
     "CheckpointError",
     "ConfigError",
+    "Conversion",
     "NoMatchError",
     "ParC",
     "ParcSurgeryError",
+    "Plan",
+    "Report",
+    "Rule",
     "RuleError",
     "TraceError",
     "UnsupportedTargetError",
     "ValidationError",
     "__version__",
+    "convert",
+    "count_macs",
+    "count_params",
+    "get_block",
+    "list_blocks",
+    "list_candidates",
+    "list_rules",
+    "load_rule",
+    "register_block",
+    "register_type",
 ]

@@ -10,10 +10,21 @@ column) and ``(C_out, C_in / groups, 1, K)`` for a ``width`` ParC. Position embe
 ``(1, C, K, 1)`` / ``(1, C, 1, K)``. Stored lengths K are resized to the instance length N by 1-D
 linear interpolation with ``align_corners=True`` (end taps kept, no renormalisation).
 
-* ``parc_spatial`` concatenates ``x`` with its first N-1 rows/columns and runs a valid conv:
-  O(N^2) per line, fastest for short axes.
-* ``parc_fft`` (Fast-ParC) computes ``irfft(rfft(x) * conj(rfft(w)), n=N)``: O(N log N) per line,
-  faster for long axes. ``conj`` makes it a cross-correlation; ``n=N`` keeps odd N exact.
+Two implementations of the same function, each split into *prepare* (kernel only, cacheable) and
+*apply* (per input):
+
+* spatial: the correlation as a matrix product with the (N, N) circulant matrix of the kernel,
+  ``C[i, j] = w[(j - i) mod N]`` — O(N^2) per line like the reference formulation (concatenate ``x``
+  with its first N-1 rows and run a valid conv) but through batched GEMMs, 1.5-5x faster than that
+  conv on CPU. Dense (channel-mixing) kernels keep the reference conv (their circulant would be
+  ``C_out * C_in * N^2`` large).
+* fft (Fast-ParC): ``irfft(rfft(x) * conj(rfft(w)), n=N)`` — O(N log N) per line. ``conj`` makes it a
+  cross-correlation; ``n=N`` keeps odd N exact. Dense kernels multiply per frequency by a
+  (C_out, C_in) complex matrix. Computed in float32/float64 (half inputs are upcast).
+
+The position embedding is added before the correlation and the bias after; since the correlation is
+linear, both fold into one additive term ``offset = corr(pe) + bias`` (per channel, along the axis),
+computed once per kernel, which saves a full pass over the input.
 """
 
 from __future__ import annotations
@@ -31,11 +42,37 @@ Impl = Literal["spatial", "fft", "auto"]
 AXES = ("height", "width")
 IMPLS = ("spatial", "fft", "auto")
 
-__all__ = ["AXES", "IMPLS", "Axis", "Impl", "parc_conv", "parc_fft", "parc_spatial", "resize_kernel"]
+__all__ = [
+    "AXES",
+    "IMPLS",
+    "Axis",
+    "Impl",
+    "apply_kernel",
+    "circulant",
+    "parc_conv",
+    "parc_fft",
+    "parc_spatial",
+    "prepare_kernel",
+    "resize_kernel",
+]
 
 
 def _dim(axis: str) -> int:
     return 2 if axis == "height" else 3
+
+
+def _check_axis(axis: str) -> None:
+    if axis not in AXES:
+        raise ConfigError(f"ParC: axis must be one of {AXES} (the axis the kernel runs along), got {axis!r}")
+
+
+def _check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
+    if impl not in allowed:
+        raise ConfigError(f"ParC: impl must be one of {allowed}, got {impl!r}")
+
+
+def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32  # FFTs need float32/64
 
 
 def resize_kernel(t: torch.Tensor, n: int, axis: Axis) -> torch.Tensor:
@@ -50,43 +87,160 @@ def resize_kernel(t: torch.Tensor, n: int, axis: Axis) -> torch.Tensor:
     return F.interpolate(t, size=size, mode="bilinear", align_corners=True)
 
 
+_INDEX_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _circulant_index(n: int, device: torch.device) -> torch.Tensor:
+    """``idx[i, j] = (j - i) mod n``, memoised per (n, device) outside tracing/inference mode."""
+    cacheable = not (device.type == "meta" or torch.compiler.is_compiling() or torch.is_inference_mode_enabled())
+    idx = _INDEX_CACHE.get((n, device)) if cacheable else None
+    if idx is None:
+        i = torch.arange(n, device=device)
+        idx = (i[None, :] - i[:, None]) % n
+        if cacheable:
+            if len(_INDEX_CACHE) >= 64:
+                _INDEX_CACHE.clear()
+            _INDEX_CACHE[(n, device)] = idx
+    return idx
+
+
+def circulant(w: torch.Tensor) -> torch.Tensor:
+    """``(..., N) -> (..., N, N)`` with ``out[..., i, j] = w[..., (j - i) mod N]``.
+
+    Row ``i`` holds the taps that produce output ``i`` of the offset-0 cross-correlation, so
+    ``y = circulant(w) @ x`` correlates ``x`` (a column of length N) circularly with ``w``.
+    """
+    return w[..., _circulant_index(w.shape[-1], w.device)]
+
+
+def prepare_kernel(weight: torch.Tensor, axis: Axis, dense: bool, impl: Literal["spatial", "fft"]) -> torch.Tensor:
+    """Turn a length-N weight into what :func:`apply_kernel` consumes (cacheable: depends on the kernel only).
+
+    spatial, depthwise: the circulant ``(C, N, N)`` (transposed for ``width``); spatial, dense: the weight
+    itself; fft: the conjugate spectrum ``(C, F)`` / ``(C_out, C_in, F)`` in float32 or float64.
+    """
+    if impl == "fft":
+        w = weight.flatten(2)  # (C_out, C_in/g, N)
+        spec = torch.fft.rfft(w.to(_fft_dtype(w.dtype)), dim=-1).conj()
+        return spec if dense else spec[:, 0]
+    if dense:
+        return weight
+    mat = circulant(weight.flatten(1))  # (C, N, N): y_col = mat @ x_col
+    # width: y_row = x_row @ mat^T, stored contiguous for the GEMM
+    return mat if axis == "height" else mat.transpose(1, 2).contiguous()
+
+
+def _apply_spatial(x: torch.Tensor, kernel: torch.Tensor, axis: str, dense: bool) -> torch.Tensor:
+    if dense:  # the reference formulation: valid conv over the circularly extended map
+        dim = _dim(axis)
+        n = x.shape[dim]
+        xp = torch.cat([x, x.narrow(dim, 0, n - 1)], dim=dim) if n > 1 else x
+        return F.conv2d(xp, kernel)
+    # one (N, N) GEMM per (image, channel): (C, H, H) @ (B, C, H, W) or (B, C, H, W) @ (C, W, W)
+    return torch.matmul(kernel, x) if axis == "height" else torch.matmul(x, kernel)
+
+
+def _apply_fft(x: torch.Tensor, spec: torch.Tensor, axis: str, dense: bool) -> torch.Tensor:
+    dim = _dim(axis)
+    n = x.shape[dim]
+    inplace = not torch.is_grad_enabled()
+    if axis == "height":
+        # MKL's r2c is ~3x slower along a strided axis: transform the transposed view (the copy is
+        # fused into the transform), multiply, and invert along dim 2 of the transposed spectrum.
+        xf = torch.fft.rfft(x.transpose(2, 3), dim=-1)  # (B, C, W, F)
+        if dense:
+            yf = torch.einsum("bcwf,ocf->bowf", xf, spec)
+        else:
+            s = spec[:, None, :]
+            yf = xf.mul_(s) if inplace else xf * s
+        return torch.fft.irfft(yf.transpose(2, 3), n=n, dim=2)
+    xf = torch.fft.rfft(x, dim=-1)  # (B, C, H, F)
+    if dense:
+        yf = torch.einsum("bchf,ocf->bohf", xf, spec)
+    else:
+        s = spec[:, None, :]
+        yf = xf.mul_(s) if inplace else xf * s
+    return torch.fft.irfft(yf, n=n, dim=-1)
+
+
+def apply_kernel(
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    offset: torch.Tensor | None,
+    axis: Axis,
+    dense: bool,
+    impl: Literal["spatial", "fft"],
+) -> torch.Tensor:
+    """Correlate ``x`` with a prepared kernel and add ``offset`` (broadcastable: bias or folded PE + bias).
+
+    The result has ``x``'s dtype; ``kernel``/``offset`` must already have it for ``spatial``.
+    """
+    if impl == "fft":
+        in_dtype = x.dtype
+        y = _apply_fft(x.to(kernel.real.dtype), kernel, axis, dense)
+    else:
+        in_dtype = None
+        y = _apply_spatial(x, kernel, axis, dense)
+    if offset is not None:
+        y = y.add_(offset.to(y.dtype)) if not torch.is_grad_enabled() else y + offset.to(y.dtype)
+    return y if in_dtype is None else y.to(in_dtype)
+
+
+def prepare(
+    weight: torch.Tensor,
+    pe: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    n: int,
+    axis: Axis,
+    dense: bool,
+    impl: Literal["spatial", "fft"],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resize stored weight/PE to length ``n`` and build ``(kernel, offset)`` for inputs of ``dtype``.
+
+    ``offset`` folds the PE (correlated with the kernel) and the bias into one tensor broadcastable to
+    the output: ``corr(x + pe) + b == corr(x) + (corr(pe) + b)``.
+    """
+    # prepare in float32/float64 (never in half precision), in float64 when the input is float64
+    cdt = _fft_dtype(dtype) if impl == "fft" else _fft_dtype(torch.promote_types(weight.dtype, dtype))
+    kernel = prepare_kernel(resize_kernel(weight.to(cdt), n, axis), axis, dense, impl)
+    offset = None
+    if pe is not None:
+        # corr(pe): the PE is constant along the other axis, so correlate it as a 1-pixel-wide map
+        p = resize_kernel(pe.to(cdt), n, axis)
+        offset = apply_kernel(p, kernel, None, axis, dense, impl)  # (1, C_out, N, 1) / (1, C_out, 1, N)
+    if bias is not None:
+        b = bias.to(cdt).view(1, -1, 1, 1)
+        offset = b if offset is None else offset + b
+    if impl == "spatial":
+        kernel = kernel.to(dtype)
+    if offset is not None:
+        offset = offset.to(dtype)
+    return kernel, offset
+
+
 def parc_spatial(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, axis: Axis, dense: bool = False
 ) -> torch.Tensor:
-    """Circular cross-correlation as a valid conv over ``cat(x, x[:N-1])``; weight already length N."""
-    dim = _dim(axis)
-    n = x.shape[dim]
-    xp = torch.cat([x, x.narrow(dim, 0, n - 1)], dim=dim) if n > 1 else x
-    groups = 1 if dense else x.shape[1]
-    return F.conv2d(xp, weight, bias, groups=groups)
+    """Circular cross-correlation in the spatial domain (circulant GEMM); ``weight`` already length N."""
+    _check_axis(axis)
+    kernel = prepare_kernel(weight, axis, dense, "spatial").to(x.dtype)
+    offset = None if bias is None else bias.view(1, -1, 1, 1)
+    return apply_kernel(x, kernel, offset, axis, dense, "spatial")
 
 
 def parc_fft(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, axis: Axis, dense: bool = False
 ) -> torch.Tensor:
     """Fast-ParC: the same function as :func:`parc_spatial` through real FFTs along ``axis``."""
-    in_dtype = x.dtype
-    if in_dtype not in (torch.float32, torch.float64):  # CPU FFTs need float32/64
-        x, weight = x.float(), weight.float()
-    dim = _dim(axis)
-    n = x.shape[dim]
-    xf = torch.fft.rfft(x, n=n, dim=dim)
-    # kernel as (C_out, C_in/g, F) spectra, conjugated: cross-correlation, not convolution
-    w = weight.flatten(2)
-    wf = torch.fft.rfft(w, n=n, dim=-1).conj()
-    if dense:
-        eq = "bifw,oif->bofw" if axis == "height" else "bihf,oif->bohf"
-        yf = torch.einsum(eq, xf, wf)
-    else:
-        wf = wf[:, 0]  # (C, F)
-        yf = xf * (wf[:, :, None] if axis == "height" else wf[:, None, :])
-    y = torch.fft.irfft(yf, n=n, dim=dim)
-    if bias is not None:
-        y = y + bias.to(y.dtype).view(1, -1, 1, 1)
-    return y.to(in_dtype)
+    _check_axis(axis)
+    spec = prepare_kernel(weight.to(_fft_dtype(x.dtype)), axis, dense, "fft")
+    offset = None if bias is None else bias.view(1, -1, 1, 1)
+    return apply_kernel(x, spec, offset, axis, dense, "fft")
 
 
-def _check_input(x: torch.Tensor, channels: int, axis: str) -> None:
+def check_input(x: torch.Tensor, channels: int, axis: str) -> None:
+    """Raise :class:`ConfigError` unless ``x`` is a non-empty ``(B, channels, H, W)`` tensor."""
     if not isinstance(x, torch.Tensor):
         raise ConfigError(f"ParC(axis={axis!r}): input must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -118,12 +272,8 @@ def parc_conv(
 
     ``impl`` must already be resolved (``spatial`` or ``fft``); see :func:`parc_surgery.ops.choose_impl`.
     """
-    channels = weight.shape[0]
-    _check_input(x, channels, axis)
-    n = x.shape[_dim(axis)]
-    w = resize_kernel(weight, n, axis)
-    if pe is not None:
-        x = x + resize_kernel(pe, n, axis).to(x.dtype)
-    if impl == "fft":
-        return parc_fft(x, w, bias, axis, dense)
-    return parc_spatial(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype), axis, dense)
+    _check_axis(axis)
+    _check_impl(impl, ("spatial", "fft"))
+    check_input(x, weight.shape[0], axis)
+    kernel, offset = prepare(weight, pe, bias, x.shape[_dim(axis)], axis, dense, impl, x.dtype)
+    return apply_kernel(x, kernel, offset, axis, dense, impl)

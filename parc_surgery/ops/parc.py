@@ -20,24 +20,46 @@ import math
 
 import torch
 import torch.fx
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_module, trunc_normal_
 from torch import nn
 
 from ..errors import ConfigError
-from .functional import AXES, IMPLS, Axis, Impl, parc_conv, resize_kernel
+from .functional import AXES, IMPLS, Axis, Impl, apply_kernel, check_input, prepare, resize_kernel
 
-__all__ = ["FFT_MIN_LENGTH", "ParC", "choose_impl"]
+__all__ = ["FFT_MIN_LENGTH", "FFT_MIN_LENGTH_DENSE", "ParC", "choose_impl"]
 
-# Crossover for impl="auto": the FFT path is used from this axis length up.
-# Placeholder until measured by benchmarks/bench_parc_op.py (see the comment there).
-FFT_MIN_LENGTH = 28
+# Crossovers for impl="auto": the FFT path is used from this axis length up (CPU, float32/64).
+# PLACEHOLDER, replaced by the measurement below.
+FFT_MIN_LENGTH = 96
+FFT_MIN_LENGTH_DENSE = 14
 
 
-def choose_impl(n: int, *, dense: bool = False, dtype: torch.dtype = torch.float32) -> str:
-    """Pick ``spatial`` or ``fft`` for an axis of length ``n`` (the crossover in ``FFT_MIN_LENGTH``)."""
+def choose_impl(
+    n: int,
+    *,
+    channels: int | None = None,
+    dense: bool = False,
+    dtype: torch.dtype = torch.float32,
+    grad: bool = False,
+) -> str:
+    """Pick ``"spatial"`` or ``"fft"`` for an axis of length ``n`` from the measured crossovers.
+
+    Half-precision inputs always get ``spatial`` (CPU FFTs need float32/64; the FFT path would upcast).
+    ``channels`` is accepted for future rules; the measured crossover does not depend on it.
+    """
     if dtype not in (torch.float32, torch.float64):
         return "spatial"
-    return "fft" if n >= FFT_MIN_LENGTH else "spatial"
+    return "fft" if n >= (FFT_MIN_LENGTH_DENSE if dense else FFT_MIN_LENGTH) else "spatial"
+
+
+def _resolve_impl(impl: str, x: torch.Tensor, weight: torch.Tensor, axis: str, dense: bool) -> str:
+    if impl == "auto":
+        n = x.shape[2] if axis == "height" else x.shape[3]
+        grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        return choose_impl(n, channels=weight.shape[0], dense=dense, dtype=x.dtype, grad=grad)
+    if impl not in ("spatial", "fft"):
+        raise ConfigError(f"ParC: impl must be one of {IMPLS}, got {impl!r}")
+    return impl
 
 
 def _parc_forward(
@@ -49,24 +71,46 @@ def _parc_forward(
     dense: bool,
     impl: str,
 ) -> torch.Tensor:
-    if impl == "auto":
-        n = x.shape[2] if axis == "height" else x.shape[3]
-        impl = choose_impl(n, dense=dense, dtype=x.dtype)
-    return parc_conv(x, weight, pe, bias, axis, dense, impl)
+    check_input(x, weight.shape[0], axis)
+    impl = _resolve_impl(impl, x, weight, axis, dense)
+    n = x.shape[2] if axis == "height" else x.shape[3]
+    kernel, offset = prepare(weight, pe, bias, n, axis, dense, impl, x.dtype)
+    return apply_kernel(x, kernel, offset, axis, dense, impl)
 
 
 # A leaf for torch.fx: the traced graph holds one call to _parc_forward, so nothing that depends on
 # the input size (axis length, resized kernels, impl choice) is baked into a traced module.
 torch.fx.wrap("_parc_forward")
 
+_CACHE_SIZE = 8  # (impl, N, dtype, device) entries kept per module
 
+
+@register_notrace_module  # a leaf in timm's fx feature extraction: opaque, size-independent, cacheable
 class ParC(nn.Module):
     """Position-aware circular convolution along one axis.
+
+    ``y[i] = sum_k w[k] * (x + pe)[(i + k) mod N] + b`` along ``axis`` (offset-0 circular
+    cross-correlation, the ParC-Net convention), with kernel and PE resized from ``kernel_size`` to the
+    input's own length N along that axis at every call.
+
+    Two implementations compute the same function: ``spatial`` multiplies each line by the kernel's
+    (N, N) circulant matrix (batched GEMMs, O(N^2) per line: fastest for short axes), ``fft`` is
+    Fast-ParC (O(N log N) per line, computed in float32/64). ``auto`` picks per call from the actual
+    size with :func:`choose_impl`, whose crossover was measured with ``benchmarks/bench_parc_op.py``.
+
+    Eval-mode cache: when the module is in eval mode and no gradient is needed (``torch.no_grad()``,
+    ``torch.inference_mode()`` or frozen parameters), the resized kernel in its prepared form (circulant
+    matrix or conjugate spectrum) and the folded PE + bias term are cached per (impl, N, dtype, device)
+    and reused until a parameter changes (tracked by its version counter and storage), the module is
+    moved, reloaded or put back in training mode. Not used while tracing (fx, ``torch.compile``,
+    ``torch.jit``) nor on the meta device. In-place edits through ``.data`` bypass the version counter:
+    call :meth:`clear_cache` after those.
 
     Args:
         channels: input (= output) channels.
         kernel_size: base kernel / PE length K (usually the feature size at the model's input size).
-        axis: the axis the kernel runs along, ``"height"`` or ``"width"``.
+        axis: the axis the kernel runs along: ``"height"`` (a (K, 1) kernel mixing one column, the ECCV
+            paper's "ParC-V") or ``"width"`` (a (1, K) kernel mixing one row, "ParC-H").
         pe: add a learned per-channel position embedding (length K, resized) before the conv.
         bias: add a per-channel bias after the conv.
         dense: channel-mixing kernels ``(C, C, K)`` instead of depthwise ``(C, 1, K)``.
@@ -110,6 +154,7 @@ class ParC(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, channels if dense else 1, *k_shape, **dd))
         self.bias = nn.Parameter(torch.empty(channels, **dd)) if bias else None
         self.pe = nn.Parameter(torch.empty(1, channels, *k_shape, **dd)) if pe else None
+        self._kernel_cache: dict = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -124,12 +169,65 @@ class ParC(nn.Module):
                 nn.init.normal_(self.pe, 0.0, 1.0)
             else:
                 trunc_normal_(self.pe, std=0.02)
+        self.clear_cache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_cache(x):
+            return self._forward_cached(x)
         return _parc_forward(x, self.weight, self.pe, self.bias, self.axis, self.dense, self.impl)
+
+    # ----- eval-mode kernel cache -----
+    def _params(self) -> list[torch.Tensor]:
+        return [p for p in (self.weight, self.pe, self.bias) if p is not None]
+
+    def _use_cache(self, x: torch.Tensor) -> bool:
+        if self.training or not isinstance(x, torch.Tensor) or isinstance(x, torch.fx.Proxy):
+            return False
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+            return False
+        params = self._params()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return False
+        return not (x.is_meta or any(p.is_meta or p.is_inference() for p in params))
+
+    def _forward_cached(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.weight.shape[0], self.axis)
+        impl = _resolve_impl(self.impl, x, self.weight, self.axis, self.dense)
+        n = x.shape[2] if self.axis == "height" else x.shape[3]
+        key = (impl, n, x.dtype, x.device)
+        stamp = tuple((id(p), p.data_ptr(), p._version) for p in self._params())
+        entry = self._kernel_cache.get(key)
+        if entry is None or entry[0] != stamp:
+            if len(self._kernel_cache) >= _CACHE_SIZE:
+                self._kernel_cache.clear()
+            kernel, offset = prepare(self.weight, self.pe, self.bias, n, self.axis, self.dense, impl, x.dtype)
+            entry = self._kernel_cache[key] = (stamp, kernel, offset)
+        return apply_kernel(x, entry[1], entry[2], self.axis, self.dense, impl)
+
+    def clear_cache(self) -> None:
+        """Drop the eval-mode kernel cache (needed only after in-place edits through ``.data``)."""
+        self._kernel_cache = {}
+
+    def train(self, mode: bool = True) -> ParC:
+        self.clear_cache()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_cache()
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self) -> dict:  # deepcopy / pickle: never carry cached tensors
+        state = super().__getstate__()
+        state["_kernel_cache"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_kernel_cache", {})
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         # ParC weights saved at another base length load here resampled to this module's length.
+        self.clear_cache()
         dim = 2 if self.axis == "height" else 3
         for name in ("weight", "pe"):
             key = prefix + name

@@ -1,0 +1,428 @@
+"""The one place that orchestrates a conversion: probe -> match -> plan -> check -> rewrite -> audit -> validate.
+
+``convert(model, rule)`` never touches the user's model: it works on a deep copy, and only after
+every target has been planned and checked does it build the replacement blocks and swap them in.
+``list_candidates(model, rule)`` is the discovery tool every "nothing matched" error points to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocks import CarryRecord, get_block, list_blocks
+from .errors import ConfigError, NoMatchError, ValidationError
+from .flops import count_macs, count_params
+from .match import TargetDiagnostic, select_targets
+from .ops import ParC
+from .plan import Plan, PlannedTarget, build_plan, check_plan
+from .probe import ProbeResult, example_input, probe_model, trace_model
+from .report import Check, Report, TargetReport
+from .rewrite import apply_plan
+from .rule import Rule, load_rule
+from .stages import Stage, find_stages
+from .types import type_name_matches
+from .validate import eval_forward, second_size, validate_model
+
+__all__ = ["Candidates", "Conversion", "convert", "get_model_name", "list_candidates", "resolve_input_size"]
+
+RuleLike = Rule | str | os.PathLike | dict
+
+
+@dataclass
+class Conversion:
+    """The result of :func:`convert`: the new model, the plan that built it and the audit report."""
+
+    model: nn.Module
+    plan: Plan
+    report: Report
+    carry: dict[str, CarryRecord] = field(default_factory=dict)
+    rule: Rule | None = None
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """What :func:`list_candidates` found: stages, replaceable blocks, attention mixers, a rule's selection."""
+
+    model: str
+    input_size: tuple[int, int]
+    stages: tuple[Stage, ...]
+    blocks: tuple[tuple[str, str, tuple[str, ...]], ...]  # (name, type, registered blocks that replace it)
+    attention: tuple[str, ...]
+    traced: bool
+    trace_note: str
+    selected: tuple[PlannedTarget, ...] | None = None
+    diagnostics: tuple[TargetDiagnostic, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "input_size": list(self.input_size),
+            "traced": self.traced,
+            "trace_note": self.trace_note,
+            "stages": [s.to_dict() for s in self.stages],
+            "blocks": [{"name": n, "type": t, "replaceable_by": list(b)} for n, t, b in self.blocks],
+            "attention": list(self.attention),
+            "selected": None if self.selected is None else [t.to_dict() for t in self.selected],
+            "diagnostics": [d.describe() for d in self.diagnostics],
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{self.model} at {self.input_size[0]}x{self.input_size[1]} (fx trace: {self.traced_text})"]
+        lines.append("stages:")
+        for s in self.stages:
+            feat = "x".join(map(str, s.feature_size or ()))
+            lines.append(f"  [{s.index}] {s.container}: {len(s.blocks)} blocks, {s.channels} ch, {feat}")
+        lines.append(f"replaceable blocks: {len(self.blocks)}")
+        for n, t, b in self.blocks:
+            lines.append(f"  {n} ({t}) -> {', '.join(b)}")
+        lines.append(f"attention token mixers: {len(self.attention)}")
+        for n in self.attention:
+            lines.append(f"  {n}")
+        if self.selected is not None:
+            lines.append(f"selected by the rule: {len(self.selected)}")
+            for t in self.selected:
+                lines.append(f"  {t.name} -> {t.block} (kernel {t.ctx.kernel_hw}, pe={t.ctx.pe})")
+            for d in self.diagnostics:
+                lines.append(f"  {d.describe()}")
+        return "\n".join(lines)
+
+    @property
+    def traced_text(self) -> str:
+        return "ok" if self.traced else f"failed, forward hooks used ({self.trace_note})"
+
+
+def get_model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        return str(cfg["architecture"])
+    return type(model).__name__
+
+
+def _as_hw(value, what: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    raise ConfigError(f"{what} must be a positive int or (H, W) of positive ints, got {value!r}")
+
+
+def resolve_input_size(model: nn.Module, input_size=None, rule: Rule | None = None) -> tuple[int, int]:
+    """The input size to plan at: given, else the rule's, else timm's ``pretrained_cfg``."""
+    if input_size is not None:
+        return _as_hw(input_size, "input_size")
+    if rule is not None and rule.input_size is not None:
+        return _as_hw(rule.input_size, "rule input_size")
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return _as_hw(tuple(cfg["input_size"])[-2:], "pretrained_cfg input_size")
+    raise ConfigError(
+        f"input_size is needed for a {type(model).__name__} (it has no timm pretrained_cfg): "
+        "pass input_size=(H, W) (CLI: --input-size H W)"
+    )
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _replaceable(model: nn.Module) -> list[tuple[str, str, tuple[str, ...]]]:
+    out = []
+    blocks = [(b, getattr(get_block(b), "replaces", ())) for b in list_blocks()]
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        hits = tuple(b for b, reps in blocks if any(type_name_matches(type(mod), r) for r in reps))
+        if hits:
+            out.append((name, type(mod).__name__, hits))
+    return out
+
+
+@dataclass
+class _Survey:
+    work: nn.Module
+    size: tuple[int, int]
+    x: torch.Tensor
+    probe: ProbeResult
+    stages: list[Stage]
+    traced: bool
+    trace_note: str
+    leaf_types: tuple[type, ...] = ()
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+@contextlib.contextmanager
+def _user_hooks_detached(model: nn.Module):
+    """Detach the (deep-copied) user hooks while the engine runs the copy; put them back afterwards.
+
+    The copy shares hook *functions* with the user's model, so running them would touch the user's state.
+    """
+    stash = []
+    for m in model.modules():
+        saved = {a: dict(getattr(m, a)) for a in _HOOK_DICTS if getattr(m, a, None)}
+        if saved:
+            stash.append((m, saved))
+            for a in saved:
+                getattr(m, a).clear()
+    try:
+        yield
+    finally:
+        for m, saved in stash:
+            for a, d in saved.items():
+                getattr(m, a).update(d)
+
+
+def _survey(work: nn.Module, size: tuple[int, int]) -> _Survey:
+    """Probe and trace ``work`` (the engine's own copy of the user's model)."""
+    x = example_input(work, size)
+    probe = probe_model(work, x)
+    gm, why = trace_model(work)
+    leaves: tuple[type, ...] = ()
+    if gm is None:  # retry with the replaceable blocks as leaves (their own forwards may not trace)
+        leaves = tuple({type(work.get_submodule(n)) for n, _, _ in _replaceable(work)})
+        if leaves and trace_model(work, leaves)[0] is not None:
+            gm, why = True, f"traced with {len(leaves)} candidate block type(s) as leaves"
+    return _Survey(work, size, x, probe, find_stages(work, probe), gm is not None, why, leaves)
+
+
+def _already_converted(model: nn.Module, name: str) -> bool:
+    mod = model.get_submodule(name)
+    return any(isinstance(m, ParC) for m in mod.modules())
+
+
+def _no_match(rule: Rule, survey: _Survey, diags, model_name: str, extra: str = "") -> NoMatchError:
+    lines = "\n  ".join(d.describe() for d in diags)
+    return NoMatchError(
+        f"rule {rule.name!r} selected nothing in {model_name} at input {survey.size[0]}x{survey.size[1]}"
+        f"{extra}:\n  {lines}\n"
+        f"The model has {len(survey.stages)} stage(s), {len(survey.probe.attention)} detected attention "
+        f"module(s). Run parc_surgery.list_candidates(model, rule) (CLI: parc-convert MODEL --rule RULE --inspect) "
+        "to see its stages, replaceable blocks and what the rule selects."
+    )
+
+
+def _plan(rule, survey, model_name, *, impl, init) -> tuple[list[PlannedTarget], list, list[str]]:
+    selections, diags = select_targets(survey.work, rule, survey.probe, survey.stages)
+    notes = []
+    done = [s for s in selections if _already_converted(survey.work, s.name)]
+    if done:
+        notes.append(f"{len(done)} selected module(s) already contain ParC layers and were left as they are")
+        selections = [s for s in selections if s not in done]
+    if not selections:
+        n_parc = sum(isinstance(m, ParC) for m in survey.work.modules())
+        extra = (
+            f" (the model looks already converted: it holds {n_parc} ParC layer(s); converting it again is "
+            "refused, convert the original model instead)"
+            if n_parc
+            else ""
+        )
+        raise _no_match(rule, survey, diags, model_name, extra)
+    for d in diags:
+        if d.selected == 0:
+            notes.append(f"targets[{d.target_index}] selected nothing: {d.describe()}")
+    targets = build_plan(
+        survey.work,
+        rule,
+        survey.probe,
+        survey.stages,
+        selections,
+        model_name=model_name,
+        input_size=survey.size,
+        impl=impl,
+        init=init,
+    )
+    return targets, diags, notes
+
+
+def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_size=None) -> Candidates:
+    """Discovery: the model's stages, replaceable blocks, attention token mixers and, with a rule, its selection.
+
+    Never modifies ``model`` (it probes a deep copy). A rule that selects nothing is reported in the
+    diagnostics here rather than raised.
+    """
+    _check_model(model)
+    r = load_rule(rule) if rule is not None else None
+    size = resolve_input_size(model, input_size, r)
+    work = copy.deepcopy(model)
+    with _user_hooks_detached(work):
+        survey = _survey(work, size)
+    name = get_model_name(model)
+    selected, diags = None, ()
+    if r is not None:
+        selections, diags = select_targets(survey.work, r, survey.probe, survey.stages)
+        selected = tuple(
+            build_plan(survey.work, r, survey.probe, survey.stages, selections, model_name=name, input_size=size)
+        )
+    return Candidates(
+        name,
+        size,
+        tuple(survey.stages),
+        tuple(_replaceable(survey.work)),
+        survey.probe.attention,
+        survey.traced,
+        survey.trace_note,
+        selected,
+        tuple(diags),
+    )
+
+
+def _macs(model, size, **kw) -> tuple[Any, str]:
+    try:  # on the meta device: shapes only, nothing is computed, the model is not moved
+        return count_macs(model, size, device="meta", **kw), ""
+    except Exception as e:  # counting must never sink a conversion; the report says why
+        return None, f"MACs not counted: {type(e).__name__}: {e}"
+
+
+def convert(
+    model: nn.Module,
+    rule: RuleLike,
+    *,
+    input_size: int | tuple[int, int] | None = None,
+    impl: str | None = None,
+    init: str | None = None,
+    seed: int = 0,
+    validate: bool = True,
+    count: bool = True,
+    strict: bool = True,
+    model_name: str | None = None,
+) -> Conversion:
+    """Convert ``model`` with ``rule`` and return a :class:`Conversion` (new model, plan, report).
+
+    Args:
+        model: any ``nn.Module`` (timm, torchvision or your own); never modified.
+        rule: a bundled rule name (``parc_surgery.list_rules()``), a YAML path, a dict or a :class:`Rule`.
+        input_size: (H, W) or one int; default: the rule's, else timm's ``pretrained_cfg`` input size.
+        impl: override every target's ParC implementation (``spatial`` / ``fft`` / ``auto``).
+        init: override every target's initialisation (``warm_start`` / ``reference``).
+        seed: seeds the new weights: the same model, rule and seed give bit-identical weights.
+        validate: run the checks of :mod:`parc_surgery.validate` and record them in the report.
+        count: count MACs before/after (FlopCounterMode, spatial formulation; FFT too).
+        strict: raise :class:`ValidationError` (carrying ``.conversion``) if a check fails.
+        model_name: name used in the report (default: timm's architecture name or the class name).
+
+    Raises:
+        RuleError, NoMatchError, UnsupportedTargetError, TraceError, ValidationError, ConfigError.
+    """
+    _check_model(model)
+    if impl is not None and impl not in ("spatial", "fft", "auto"):
+        raise ConfigError(f"impl must be 'spatial', 'fft' or 'auto', got {impl!r}")
+    if init is not None and init not in ("warm_start", "reference"):
+        raise ConfigError(f"init must be 'warm_start' or 'reference', got {init!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
+    r = load_rule(rule)
+    size = resolve_input_size(model, input_size, r)
+    name = model_name or get_model_name(model)
+    work = copy.deepcopy(model)  # everything happens on this copy; the user's model is never run or touched
+    with _user_hooks_detached(work):
+        return _convert(
+            work, r, size, name, impl=impl, init=init, seed=seed, validate=validate, count=count, strict=strict
+        )
+
+
+def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) -> Conversion:
+    survey = _survey(work, size)
+    targets, _, notes = _plan(r, survey, name, impl=impl, init=init)
+    check_plan(work, targets, survey.probe)
+
+    # reference outputs and counts of the original, taken on the copy before any swap
+    x2 = example_input(work, second_size(size))
+    ref = ref2 = None
+    if validate:
+        ref = survey.probe.output  # the probe ran the unconverted copy in eval mode without grad
+        ref2 = eval_forward(work, x2)
+    params_before = count_params(work)
+    per_target_before = {t.name: count_params(work.get_submodule(t.name)) for t in targets}
+    before, why_b = _macs(work, size) if count else (None, "")
+
+    carry = apply_plan(work, targets, seed=seed)
+
+    after, why_a = _macs(work, size, parc_impl="spatial") if count else (None, "")
+    after_fft, _ = _macs(work, size, parc_impl="fft") if count else (None, "")
+    checks: list[Check] = []
+    if validate:
+        checks = validate_model(
+            work,
+            targets,
+            x=survey.x,
+            x2=x2,
+            ref=ref,
+            ref2=ref2,
+            original_traced=survey.traced,
+            leaf_types=survey.leaf_types,
+        )
+    plan = Plan(
+        name, r.name, size, tuple(targets), tuple(survey.stages), survey.traced, survey.trace_note, tuple(notes)
+    )
+    treports = []
+    for t in targets:
+        rec = carry[t.name]
+        treports.append(
+            TargetReport(
+                name=t.name,
+                block=t.block,
+                source_type=t.source_type,
+                params_before=per_target_before[t.name],
+                params_after=count_params(work.get_submodule(t.name)),
+                macs_before=before.macs_of(t.name) if before else None,
+                macs_after=after.macs_of(t.name) if after else None,
+                kept=len(rec.kept),
+                transformed=len(rec.transformed),
+                new=len(rec.new),
+                dropped=len(rec.dropped),
+                carry=rec.to_dict(),
+            )
+        )
+    uncounted = {}
+    for c in (before, after):
+        if c is not None:
+            uncounted.update(c.uncounted)
+    report_notes = list(notes) + [w for w in (why_b, why_a) if w]
+    if not survey.traced:
+        report_notes.append(f"torch.fx could not trace the model ({survey.trace_note}); forward hooks were used")
+    report = Report(
+        model=name,
+        rule=r.name,
+        input_size=size,
+        params_before=params_before,
+        params_after=count_params(work),
+        macs_before=before.macs if before else None,
+        macs_after=after.macs if after else None,
+        macs_after_fft=after_fft.macs if after_fft else None,
+        targets=tuple(treports),
+        checks=tuple(checks),
+        uncounted_ops=uncounted,
+        notes=tuple(report_notes),
+    )
+    conv = Conversion(work, plan, report, carry, r)
+    if strict and validate and not report.passed:
+        failed = [c for c in checks if not c.passed]
+        err = ValidationError(
+            f"{len(failed)} check(s) failed on the converted {name}: "
+            + "; ".join(f"{c.name}: {c.detail}" for c in failed)
+            + ". The input model is unchanged; pass strict=False to get the conversion anyway."
+        )
+        err.conversion = conv
+        raise err
+    return conv

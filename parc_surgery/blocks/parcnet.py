@@ -1,0 +1,198 @@
+"""``parcnet``: the ParC-Net block that replaces one MobileViT block (ParC-Net, ECCV 2022), design notes §3.
+
+ParC-Net-S is MobileViT-S with each MobileViT block's transformer swapped for ParC-MetaFormer blocks
+(:mod:`parc_surgery.blocks.metaformer`) at 4/3 of the transformer width, and a few layout changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.layers import ConvNormAct, make_divisible
+from timm.models.mobilevit import MobileVitBlock
+from torch import nn
+
+from ..errors import UnsupportedTargetError
+from ._carry import CarryBuilder, CarryRecord
+from ._registry import BlockContext, register_block
+from .metaformer import ParCMetaFormerBlock, _kernel_pair, init_conv_fan_out
+
+__all__ = ["ParCNetBlock"]
+
+DEFAULT_WIDTH_MULT = 4 / 3  # ParC-Net-S global widths relative to MobileViT-S's transformer widths
+
+
+@register_block("parcnet")
+class ParCNetBlock(nn.Module):
+    """ParC-Net block: local convs, ParC-MetaFormer blocks, projection back and fusion with the input.
+
+    For input channels ``c_in``, output channels ``c`` and global width ``D``::
+
+        conv_kxk:    kxk conv c_in -> D, groups gcd(D, c_in), BN, SiLU
+        conv_1x1:    1x1 conv D -> D (no bias, no norm, no act)
+        blocks:      n ParC-MetaFormer blocks of width D (PE only in the first), then norm = BatchNorm(D)
+        conv_proj:   1x1 conv D -> c, groups gcd(D, c), BN, SiLU
+        conv_fusion: kxk conv (c + c_in) -> c, BN, SiLU on cat(global, input)   (None: output = conv_proj)
+
+    Unlike MobileViT it works on the full-resolution map (no unfolding into patches) and fuses
+    ``cat(global, input)`` where MobileViT fuses ``cat(input, global)``.
+
+    Built from a timm ``MobileVitBlock`` by :meth:`from_module` (``D = make_divisible(width_mult * d, 8)``
+    for transformer width ``d``; ``width_mult`` defaults to 4/3, ParC-Net-S; 1.0 keeps MobileViT's
+    widths). MobileViT blocks built with ``no_fusion=True`` are supported: the replacement has no
+    fusion conv either.
+    """
+
+    replaces = ("timm.models.mobilevit.MobileVitBlock",)
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        dim: int,
+        *,
+        depth: int,
+        kernel_hw: tuple[int, int] | int,
+        pe: bool = True,
+        kernel_size: int = 3,
+        fusion: bool = True,
+        ffn_ratio: float = 2,
+        drop: float = 0.1,
+        impl: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        dd = {"device": device, "dtype": dtype}
+        kernel_hw = _kernel_pair(kernel_hw, type(self).__name__)
+        cna = {"norm_layer": nn.BatchNorm2d, "act_layer": nn.SiLU, **dd}
+        self.conv_kxk = ConvNormAct(in_chs, dim, kernel_size, groups=math.gcd(dim, in_chs), **cna)
+        self.conv_1x1 = nn.Conv2d(dim, dim, 1, bias=False, **dd)
+        self.blocks = nn.Sequential(
+            *[
+                ParCMetaFormerBlock(dim, kernel_hw, pe=pe and i == 0, ffn_ratio=ffn_ratio, drop=drop, impl=impl, **dd)
+                for i in range(depth)
+            ]
+        )
+        self.norm = nn.BatchNorm2d(dim, **dd)
+        self.conv_proj = ConvNormAct(dim, out_chs, 1, groups=math.gcd(dim, out_chs), **cna)
+        self.conv_fusion = ConvNormAct(in_chs + out_chs, out_chs, kernel_size, **cna) if fusion else None
+        for m in (self.conv_kxk, self.conv_1x1, self.conv_proj, self.conv_fusion):
+            if m is not None:
+                init_conv_fan_out(m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.conv_1x1(self.conv_kxk(x))
+        x = self.norm(self.blocks(x))
+        x = self.conv_proj(x)
+        if self.conv_fusion is not None:
+            x = self.conv_fusion(torch.cat([x, shortcut], dim=1))
+        return x
+
+    @classmethod
+    def check_source(cls, module: nn.Module, ctx: BlockContext) -> None:
+        """Accept a timm ``MobileVitBlock`` with a stride-1 local conv and a transformer of >= 1 blocks."""
+        if not isinstance(module, MobileVitBlock):
+            raise UnsupportedTargetError(
+                f"parcnet replaces timm MobileVitBlock (MobileViT v1) modules, not {type(module).__name__}; "
+                f"select the model's MobileViT blocks (e.g. mobilevit_s 'stages.2.1', 'stages.3.1', 'stages.4.1')"
+            )
+        conv = module.conv_kxk.conv
+        if tuple(conv.stride) != (1, 1):
+            raise UnsupportedTargetError(
+                f"parcnet: MobileVitBlock with a strided local conv (stride {tuple(conv.stride)}) is not supported"
+            )
+        if len(module.transformer) < 1:
+            raise UnsupportedTargetError("parcnet: MobileVitBlock has an empty transformer (depth 0)")
+        d = module.conv_1x1.out_channels
+        dim = _global_width(d, ctx)
+        if dim % 2:
+            raise UnsupportedTargetError(
+                f"parcnet: global width {dim} (transformer width {d} x width_mult {_width_mult(ctx):g}) is odd; "
+                f"the ParC-MetaFormer blocks split it into two halves: choose a width_mult giving an even width"
+            )
+        if dim < 16:
+            raise UnsupportedTargetError(
+                f"parcnet: global width {dim} (transformer width {d} x width_mult {_width_mult(ctx):g}) is too "
+                f"small for the ParC-MetaFormer channel attention (needs >= 16); raise width_mult"
+            )
+        _kernel_pair(ctx.kernel_hw, "parcnet (BlockContext.kernel_size)")
+
+    @classmethod
+    @torch.no_grad()
+    def from_module(cls, module: nn.Module, ctx: BlockContext) -> tuple[ParCNetBlock, CarryRecord]:
+        """Build the ParC-Net block replacing ``module`` (never mutated) and carry what has a counterpart.
+
+        Carried: the fusion conv with its input halves swapped (``transformed``: MobileViT fuses
+        ``cat(input, global)``, ParC-Net ``cat(global, input)``), the fusion and projection BatchNorms
+        (``kept``, with running statistics), and the local conv / its BN and the 1x1 conv when their
+        shapes happen to match (only with unusual widths). Everything else (transformer, LayerNorm,
+        the grouped local and projection convs) has no counterpart: ``dropped`` / ``new``.
+
+        ``ctx.init``: MobileViT has no convolution that could be folded into a ParC kernel, so
+        ``warm_start`` and ``reference`` give the same result: the published initialisation for every
+        new part (PE N(0, 1), ParC kernels U(-1/sqrt(K), 1/sqrt(K)), convs N(0, 2/fan_out), BN 1/0).
+        """
+        cls.check_source(module, ctx)
+        p = next(module.parameters())
+        c_in = module.conv_kxk.conv.in_channels
+        c_out = module.conv_proj.conv.out_channels
+        d = module.conv_1x1.out_channels
+        dim = _global_width(d, ctx)
+        fusion = module.conv_fusion is not None
+        block = cls(
+            c_in,
+            c_out,
+            dim,
+            depth=len(module.transformer),
+            kernel_hw=ctx.kernel_hw,
+            pe=ctx.pe,
+            kernel_size=module.conv_kxk.conv.kernel_size[0],
+            fusion=fusion,
+            impl=ctx.impl,
+            device=p.device,
+            dtype=p.dtype,
+        )
+        block.train(module.training)
+        carry = CarryBuilder()
+        if _same_shapes(block.conv_kxk.conv, module.conv_kxk.conv):
+            carry.copy(block.conv_kxk, "conv_kxk.", module.conv_kxk, "conv_kxk.")
+        if _same_shapes(block.conv_1x1, module.conv_1x1):
+            carry.copy(block.conv_1x1, "conv_1x1.", module.conv_1x1, "conv_1x1.")
+        if _same_shapes(block.conv_proj.conv, module.conv_proj.conv):
+            carry.copy(block.conv_proj, "conv_proj.", module.conv_proj, "conv_proj.")
+        else:
+            carry.copy(block.conv_proj.bn, "conv_proj.bn.", module.conv_proj.bn, "conv_proj.bn.")
+        if fusion:
+            w = module.conv_fusion.conv.weight
+            block.conv_fusion.conv.weight.copy_(torch.cat([w[:, c_in:], w[:, :c_in]], dim=1))
+            carry.transform(
+                "conv_fusion.conv.weight",
+                ["conv_fusion.conv.weight"],
+                f"input channel halves swapped: MobileViT fuses cat(input[{c_in}], global[{c_out}]), "
+                f"ParC-Net fuses cat(global, input)",
+            )
+            carry.copy(block.conv_fusion.bn, "conv_fusion.bn.", module.conv_fusion.bn, "conv_fusion.bn.")
+        return block, carry.finish(block, module)
+
+
+def _width_mult(ctx: BlockContext) -> float:
+    return DEFAULT_WIDTH_MULT if ctx.width_mult is None else float(ctx.width_mult)
+
+
+def _global_width(d: int, ctx: BlockContext) -> int:
+    m = _width_mult(ctx)
+    return d if m == 1.0 else make_divisible(m * d, 8)
+
+
+def _same_shapes(a: nn.Module, b: nn.Module) -> bool:
+    pa = dict(a.named_parameters()) | dict(a.named_buffers())
+    pb = dict(b.named_parameters()) | dict(b.named_buffers())
+    return pa.keys() == pb.keys() and all(pa[k].shape == pb[k].shape for k in pa) and _same_conv(a, b)
+
+
+def _same_conv(a: nn.Module, b: nn.Module) -> bool:
+    """Convs compute the same kind of map only with equal groups (shape alone can coincide otherwise)."""
+    return not isinstance(a, nn.Conv2d) or (a.groups, a.stride, a.padding) == (b.groups, b.stride, b.padding)

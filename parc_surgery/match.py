@@ -1,0 +1,182 @@
+"""Finding a rule's targets in a model: type, qualified name, stage fraction, detected attention.
+
+Precedence (one rule, documented once):
+
+1. Within a target, a module is selected when it meets *every* criterion given under ``select``
+   (type AND name AND stages AND attention) and neither it nor a module around it meets every criterion
+   given under ``exclude`` (excluding a module excludes everything inside it).
+2. Targets are tried in file order; a module already selected by an earlier target, or inside or around
+   one, is not selected again (the earlier target wins).
+3. Within a target, when a module and one of its descendants are both selected, the outermost wins.
+4. A stage selection ``fraction: f`` takes the last ``round(n * f)`` blocks (at least one) of each
+   named stage; the stage's first block is left out when it changes the feature shape (the strided /
+   widening block), unless ``include_first: true``.
+
+Names match exactly, as shell globs (``*``, ``?``, ``[...]``), or as full regular expressions with a
+``re:`` prefix. Types match a class name or dotted path anywhere in the module's MRO (subclasses
+included) unless ``exact: true``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .probe import ProbeResult
+from .rule import Rule, Selector
+from .stages import Stage
+from .types import type_name_matches
+
+__all__ = ["Selection", "TargetDiagnostic", "count_from_fraction", "select_targets"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    name: str
+    aliases: tuple[str, ...]
+    target_index: int
+    stage: int | None  # index of the stage the module is a block of
+    position: int | None  # its index within that stage
+
+
+@dataclass
+class TargetDiagnostic:
+    """Why a target selected what it did (or nothing): per-criterion counts, notes."""
+
+    target_index: int
+    block: str
+    criteria: list[tuple[str, int]] = field(default_factory=list)  # (criterion description, modules matching)
+    selected: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{c} -> {n} module(s)" for c, n in self.criteria) or "no criteria"
+        s = f"targets[{self.target_index}] (block {self.block!r}): {parts}; selected {self.selected}"
+        if self.notes:
+            s += " (" + "; ".join(self.notes) + ")"
+        return s
+
+
+def count_from_fraction(n: int, fraction) -> int:
+    """How many trailing blocks of an ``n``-block stage a fraction selects: round half up, at least 1."""
+    if n <= 0:
+        return 0
+    return max(1, min(n, math.floor(n * fraction + 0.5)))
+
+
+def _name_matches(pattern: str, names: tuple[str, ...]) -> bool:
+    if pattern.startswith("re:"):
+        rx = re.compile(pattern[3:])
+        return any(rx.fullmatch(n) for n in names)
+    if any(ch in pattern for ch in "*?["):
+        return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+    return pattern in names
+
+
+def _type_matches(mod: nn.Module, type_name: str, exact: bool) -> bool:
+    if exact:
+        cls = type(mod)
+        return type_name in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}")
+    return type_name_matches(type(mod), type_name)
+
+
+def _resolve_stages(ref, stages: list[Stage]) -> list[Stage]:
+    if isinstance(ref, int):
+        if -len(stages) <= ref < len(stages):
+            return [stages[ref]]
+        return []
+    return [s for s in stages if s.container == ref or s.container.split("[")[0] == ref]
+
+
+def _stage_members(sel: Selector, stages: list[Stage]) -> dict[str, tuple[int, int]]:
+    members: dict[str, tuple[int, int]] = {}
+    for spec in sel.stages:
+        for ref in spec.stages:
+            for st in _resolve_stages(ref, stages):
+                k = count_from_fraction(len(st.blocks), spec.fraction)
+                start = len(st.blocks) - k
+                if start == 0 and st.first_changes_shape and not spec.include_first:
+                    start = 1
+                for pos in range(start, len(st.blocks)):
+                    members[st.blocks[pos]] = (st.index, pos)
+    return members
+
+
+def _criteria(sel: Selector, modules: dict[str, nn.Module], probe: ProbeResult, stages: list[Stage]):
+    """Yield (description, set of matching canonical names) for each criterion given in ``sel``."""
+    out = []
+    if sel.types:
+        hit = {n for n, m in modules.items() if any(_type_matches(m, t, sel.exact) for t in sel.types)}
+        out.append((f"type {list(sel.types)}" + (" (exact)" if sel.exact else ""), hit))
+    if sel.names:
+        hit = {n for n in modules if any(_name_matches(p, probe.aliases.get(n, (n,))) for p in sel.names)}
+        out.append((f"name {list(sel.names)}", hit))
+    if sel.stages:
+        members = _stage_members(sel, stages)
+        desc = "; ".join(
+            f"stage {list(s.stages)} last {s.fraction}" + (" incl. first" if s.include_first else "")
+            for s in sel.stages
+        )
+        out.append((f"stages [{desc}] of {len(stages)} found", set(members) & set(modules)))
+    if sel.attention:
+        out.append(("attention (detected by tracing)", set(probe.attention) & set(modules)))
+    return out
+
+
+def select_targets(
+    model: nn.Module, rule: Rule, probe: ProbeResult, stages: list[Stage]
+) -> tuple[list[Selection], list[TargetDiagnostic]]:
+    """Apply ``rule`` to ``model``: the selected modules (canonical names) and a diagnostic per target."""
+    modules: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if n}
+    stage_of: dict[str, tuple[int, int]] = {}
+    for st in stages:
+        for pos, b in enumerate(st.blocks):
+            stage_of[b] = (st.index, pos)
+    taken: list[str] = []
+    selections: list[Selection] = []
+    diags: list[TargetDiagnostic] = []
+
+    def overlaps(name: str, others: list[str]) -> bool:
+        return any(name == o or name.startswith(o + ".") or o.startswith(name + ".") for o in others)
+
+    for ti, target in enumerate(rule.targets):
+        diag = TargetDiagnostic(ti, target.block)
+        crit = _criteria(target.select, modules, probe, stages)
+        diag.criteria = [(d, len(h)) for d, h in crit]
+        chosen = set(modules)
+        for _, hit in crit:
+            chosen &= hit
+        if target.exclude is not None and not target.exclude.is_empty:
+            ex_crit = _criteria(target.exclude, modules, probe, stages)
+            excluded = set(modules)
+            for _, hit in ex_crit:
+                excluded &= hit
+            # excluding a module excludes everything inside it
+            excluded |= {n for n in chosen if any(n.startswith(e + ".") for e in excluded)}
+            if chosen & excluded:
+                diag.notes.append(f"{len(chosen & excluded)} excluded")
+            chosen -= excluded
+        uncalled = sorted(n for n in chosen if not probe.called(n))
+        if uncalled:
+            diag.notes.append(f"{len(uncalled)} never ran in the forward pass: {', '.join(uncalled[:3])}")
+            chosen -= set(uncalled)
+        ordered = sorted(chosen, key=lambda n: probe.calls[n].order)
+        # outermost wins within a target
+        outer = [n for n in ordered if not any(n.startswith(o + ".") for o in ordered if o != n)]
+        clash = [n for n in outer if overlaps(n, taken)]
+        if clash:
+            diag.notes.append(f"{len(clash)} already taken by an earlier target")
+        kept = [n for n in outer if n not in clash]
+        for n in kept:
+            st = stage_of.get(n)
+            selections.append(
+                Selection(n, probe.aliases.get(n, (n,)), ti, st[0] if st else None, st[1] if st else None)
+            )
+        taken.extend(kept)
+        diag.selected = len(kept)
+        diags.append(diag)
+    return selections, diags

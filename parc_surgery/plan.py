@@ -1,0 +1,193 @@
+"""The conversion plan: every target resolved to a block, a feature size and options, then checked.
+
+``build_plan`` turns selections into :class:`PlannedTarget` records (nothing is built yet);
+``check_plan`` asks each block whether it can replace its module and raises one
+:class:`UnsupportedTargetError` listing every problem, before anything is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .blocks import BlockContext, get_block
+from .errors import UnsupportedTargetError
+from .match import Selection
+from .probe import ProbeResult
+from .rule import Rule
+from .stages import Stage
+
+__all__ = ["Plan", "PlannedTarget", "build_plan", "check_plan", "token_grid"]
+
+
+@dataclass(frozen=True)
+class PlannedTarget:
+    name: str
+    aliases: tuple[str, ...]
+    block: str
+    source_type: str
+    in_shape: tuple[int, ...] | None
+    out_shape: tuple[int, ...] | None
+    stage: int | None
+    target_index: int
+    ctx: BlockContext
+
+    def to_dict(self) -> dict:
+        c = self.ctx
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "block": self.block,
+            "source_type": self.source_type,
+            "in_shape": list(self.in_shape) if self.in_shape else None,
+            "out_shape": list(self.out_shape) if self.out_shape else None,
+            "stage": self.stage,
+            "target_index": self.target_index,
+            "feature_size": list(c.feature_size),
+            "kernel_size": list(c.kernel_hw),
+            "pe": c.pe,
+            "impl": c.impl,
+            "init": c.init,
+            "width_mult": c.width_mult,
+            "options": {k: v for k, v in c.options.items() if isinstance(v, (int, float, str, bool, type(None)))},
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    rule: str
+    input_size: tuple[int, int]
+    targets: tuple[PlannedTarget, ...]
+    stages: tuple[Stage, ...] = ()
+    traced: bool = False
+    trace_note: str = ""
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "rule": self.rule,
+            "input_size": list(self.input_size),
+            "traced": self.traced,
+            "trace_note": self.trace_note,
+            "targets": [t.to_dict() for t in self.targets],
+            "notes": list(self.notes),
+        }
+
+
+def token_grid(model: nn.Module, n_tokens: int) -> tuple[tuple[int, int], int]:
+    """(grid, prefix token count) for a token sequence of length ``n_tokens`` in ``model``.
+
+    Uses timm's patch embedding ``grid_size`` where present, else the most square factorization of the
+    tokens left after 0..8 prefix tokens.
+    """
+    for m in model.modules():
+        grid = getattr(m, "grid_size", None)
+        if isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, int) for g in grid):
+            prefix = n_tokens - grid[0] * grid[1]
+            if 0 <= prefix <= 16:
+                return (int(grid[0]), int(grid[1])), prefix
+    for prefix in range(0, 9):
+        n = n_tokens - prefix
+        r = math.isqrt(n)
+        if n > 0 and r * r == n:
+            return (r, r), prefix
+    return (1, n_tokens), 0
+
+
+def _feature_size(model: nn.Module, shape: tuple[int, ...] | None) -> tuple[tuple[int, int], dict]:
+    if shape is None:
+        return (1, 1), {}
+    if len(shape) == 4:
+        return (int(shape[2]), int(shape[3])), {}
+    if len(shape) == 3:
+        grid, prefix = token_grid(model, int(shape[1]))
+        return grid, {"num_tokens": int(shape[1]), "num_prefix_tokens": prefix}
+    return (1, 1), {}
+
+
+def build_plan(
+    model: nn.Module,
+    rule: Rule,
+    probe: ProbeResult,
+    stages: list[Stage],
+    selections: list[Selection],
+    *,
+    model_name: str,
+    input_size: tuple[int, int],
+    impl: str | None = None,
+    init: str | None = None,
+) -> list[PlannedTarget]:
+    targets = []
+    first_seen: set[tuple[int, int | None]] = set()
+    for sel in selections:
+        t = rule.targets[sel.target_index]
+        opts = t.options
+        mod = model.get_submodule(sel.name)
+        rec = probe.calls[sel.name]
+        feat, extra = _feature_size(model, rec.in_shape)
+        if opts.pe == "all":
+            pe = True
+        elif opts.pe == "none":
+            pe = False
+        else:  # first selected block of each stage (per target)
+            key = (sel.target_index, sel.stage if sel.stage is not None else -1 - len(first_seen))
+            pe = key not in first_seen
+            first_seen.add(key)
+        kernel = None if opts.kernel_size == "auto" else tuple(opts.kernel_size)
+        options = dict(opts.block_options)
+        options.update(extra)
+        ctx = BlockContext(
+            feature_size=feat,
+            kernel_size=kernel,
+            pe=pe,
+            impl=impl or opts.impl,
+            init=init or opts.init,
+            width_mult=opts.width_mult,
+            options=options,
+        )
+        cls = type(mod)
+        targets.append(
+            PlannedTarget(
+                sel.name,
+                sel.aliases,
+                t.block,
+                f"{cls.__module__}.{cls.__qualname__}",
+                rec.in_shape,
+                rec.out_shape,
+                sel.stage,
+                sel.target_index,
+                ctx,
+            )
+        )
+    return targets
+
+
+def check_plan(model: nn.Module, targets: list[PlannedTarget], probe: ProbeResult) -> None:
+    """Ask every block whether it can replace its module; raise one error listing all problems."""
+    problems = []
+    for t in targets:
+        mod = model.get_submodule(t.name)
+        rec = probe.calls[t.name]
+        if len(set(rec.in_shapes)) > 1:
+            problems.append(
+                f"{t.name} ({t.source_type.rsplit('.', 1)[-1]}): the module is shared and runs at "
+                f"{len(rec.in_shapes)} call sites with different input shapes {sorted(set(rec.in_shapes))}; "
+                "a ParC block is sized for one feature size. Unshare it or exclude it."
+            )
+            continue
+        try:
+            get_block(t.block).check_source(mod, t.ctx)
+        except UnsupportedTargetError as e:
+            problems.append(f"{t.name}: {e}")
+        except Exception as e:  # a block's check failing unexpectedly is still the target's problem
+            problems.append(f"{t.name}: block {t.block!r} cannot check this module ({type(e).__name__}: {e})")
+    if problems:
+        raise UnsupportedTargetError(
+            f"{len(problems)} of {len(targets)} selected module(s) cannot be replaced; nothing was changed:\n  - "
+            + "\n  - ".join(problems)
+            + "\nNarrow the rule (exclude / name / type) to leave them out; see parc_surgery.list_candidates(model)."
+        )

@@ -1,0 +1,248 @@
+"""Probing a model: one recorded forward pass (shapes, call order, attention ops) and an fx trace.
+
+``probe_model`` runs the model once at a given input size (eval mode, no grad, on whatever device the
+model lives on, the meta device included) with forward hooks on every submodule and a dispatch mode that
+sees every aten op. It records, per module, the input/output shapes of each call and the call order,
+and finds attention token mixers *structurally*: a module whose own forward runs
+``scaled_dot_product_attention`` or a ``softmax`` fed by a matmul whose result feeds another matmul
+(softmax(Q K^T) V), whatever the module is called.
+
+``trace_model`` tries torch.fx with timm's leaf registry (plus any extra leaf types); models that don't
+trace are still handled through the recorded forward (the hooks), and the report says which was used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .errors import TraceError
+
+__all__ = ["CallRecord", "ProbeResult", "example_input", "probe_model", "trace_model"]
+
+_aten = torch.ops.aten
+_MATMUL_OPS = {"mm", "bmm", "matmul", "baddbmm", "addmm", "einsum", "_unsafe_view_mm"}
+_SOFTMAX_OPS = {"_softmax", "softmax", "_safe_softmax", "_log_softmax"}
+
+
+def _is_sdpa(name: str) -> bool:
+    return "scaled_dot_product" in name or name.startswith("_flash_attention") or name.startswith("_efficient_att")
+
+
+@dataclass
+class CallRecord:
+    """What one module did during the probe: shapes of each call, first call index (call order)."""
+
+    name: str
+    type_name: str
+    order: int
+    in_shapes: list[tuple[int, ...] | None] = field(default_factory=list)
+    out_shapes: list[tuple[int, ...] | None] = field(default_factory=list)
+
+    @property
+    def calls(self) -> int:
+        return len(self.in_shapes)
+
+    @property
+    def in_shape(self) -> tuple[int, ...] | None:
+        return self.in_shapes[0] if self.in_shapes else None
+
+    @property
+    def out_shape(self) -> tuple[int, ...] | None:
+        return self.out_shapes[0] if self.out_shapes else None
+
+
+@dataclass
+class ProbeResult:
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...] | None
+    calls: dict[str, CallRecord]
+    attention: tuple[str, ...]
+    aliases: dict[str, tuple[str, ...]]  # name -> every qualified name of the same module object
+    output: torch.Tensor | None = None  # the (first tensor of the) model output
+
+    def called(self, name: str) -> bool:
+        rec = self.calls.get(name)
+        return rec is not None and rec.calls > 0
+
+
+def _first_tensor(obj) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    if isinstance(obj, dict):
+        for o in obj.values():
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records, for each aten op, the innermost module running it (from the hook-maintained stack)."""
+
+    def __init__(self, stack: list[str]):
+        super().__init__()
+        self.stack = stack
+        self.ops: dict[str, list[str]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        owner = self.stack[-1] if self.stack else ""
+        self.ops.setdefault(owner, []).append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_owners(ops: dict[str, list[str]]) -> list[str]:
+    found = []
+    for owner, seq in ops.items():
+        if not owner:
+            continue
+        if any(_is_sdpa(op) for op in seq):
+            found.append(owner)
+            continue
+        for i, op in enumerate(seq):
+            if op in _SOFTMAX_OPS:
+                before = any(o in _MATMUL_OPS for o in seq[:i])
+                after = any(o in _MATMUL_OPS for o in seq[i + 1 :])
+                if before and after:
+                    found.append(owner)
+                    break
+    return found
+
+
+def example_input(model: nn.Module, input_size: tuple[int, int], *, batch: int = 1, in_chans: int | None = None):
+    """A random input for ``model`` at ``input_size`` on the model's device and floating dtype."""
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    if in_chans is None:
+        in_chans = get_in_chans(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, in_chans, *input_size, generator=g, dtype=torch.float32)
+    return x.to(device=device, dtype=dtype)
+
+
+def get_in_chans(model: nn.Module) -> int:
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if size and len(size) == 3:
+        return int(size[0])
+    if isinstance(getattr(model, "in_chans", None), int):
+        return model.in_chans
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+        if isinstance(m, nn.Linear):
+            break
+    return 3
+
+
+def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
+    """Run ``model(x)`` once in eval mode without grad, recording shapes, call order and attention ops.
+
+    The model's training flag is restored afterwards; nothing else about it changes.
+    """
+    calls: dict[str, CallRecord] = {}
+    aliases: dict[int, list[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if name:
+            aliases.setdefault(id(mod), []).append(name)
+    stack: list[str] = []
+    counter = [0]
+    handles = []
+
+    def pre(name):
+        def hook(mod, args, kwargs=None):
+            stack.append(name)
+            rec = calls.get(name)
+            if rec is None:
+                rec = calls[name] = CallRecord(name, type(mod).__name__, counter[0])
+                counter[0] += 1
+            t = _first_tensor(args) if args else _first_tensor(kwargs or {})
+            rec.in_shapes.append(tuple(t.shape) if t is not None else None)
+
+        return hook
+
+    def post(name):
+        def hook(mod, args, out):
+            if stack and stack[-1] == name:
+                stack.pop()
+            t = _first_tensor(out)
+            calls[name].out_shapes.append(tuple(t.shape) if t is not None else None)
+
+        return hook
+
+    seen = set()
+    for name, mod in model.named_modules():
+        if not name or id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        handles.append(mod.register_forward_pre_hook(pre(name), with_kwargs=True))
+        handles.append(mod.register_forward_hook(post(name)))
+    was_training = model.training
+    recorder = _OpRecorder(stack)
+    try:
+        model.eval()
+        with torch.no_grad(), recorder:
+            out = model(x)
+    except Exception as e:  # the model's own failure at this size
+        raise TraceError(
+            f"the model fails at input shape {tuple(x.shape)}: {type(e).__name__}: {e}. "
+            "Pass an input size the model accepts (input_size=(H, W) / --input-size H W)."
+        ) from e
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    t = _first_tensor(out)
+    attention = tuple(_attention_owners(recorder.ops))
+    alias_map = {}
+    for names in aliases.values():
+        for n in names:
+            alias_map[n] = tuple(names)
+    # records under the canonical (first) name only; expose aliases separately
+    return ProbeResult(tuple(x.shape), tuple(t.shape) if t is not None else None, calls, attention, alias_map, t)
+
+
+def _timm_leaves() -> tuple[list[type], list]:
+    try:
+        from timm.layers import _fx as timm_fx
+
+        return list(timm_fx.get_notrace_modules()), list(timm_fx.get_notrace_functions())
+    except Exception:  # pragma: no cover - timm always has it in supported versions
+        return [], []
+
+
+def trace_model(model: nn.Module, leaf_types: Iterable[type] = ()) -> tuple[torch.fx.GraphModule | None, str]:
+    """Symbolically trace ``model`` with timm's leaf modules/functions plus ``leaf_types`` as leaves.
+
+    Returns ``(graph_module, "")`` or ``(None, reason)`` when the model does not trace.
+    """
+    leaves, fns = _timm_leaves()
+    leaf_set = tuple({*leaves, *leaf_types})
+
+    class _Tracer(torch.fx.Tracer):
+        def __init__(self):
+            super().__init__(autowrap_functions=tuple(f for f in fns if callable(f)))
+
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            if leaf_set and isinstance(m, leaf_set):
+                return True
+            return super().is_leaf_module(m, qualname)
+
+    try:
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        name = type(model).__name__
+        return torch.fx.GraphModule(tracer.root, graph, name), ""
+    except Exception as e:
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

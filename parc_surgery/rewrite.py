@@ -1,0 +1,38 @@
+"""Applying a checked plan: build every replacement block first, then swap them in.
+
+Works on the model it is given (the engine always passes its own deep copy, never the user's model).
+New weights are drawn from a seeded generator, so the same model, rule and seed give bit-identical
+converted weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import CarryRecord, get_block
+from .plan import PlannedTarget
+
+__all__ = ["apply_plan"]
+
+
+def apply_plan(model: nn.Module, targets: list[PlannedTarget] | tuple, *, seed: int = 0) -> dict[str, CarryRecord]:
+    """Swap each target of ``model`` for its block; returns the carry record per target name."""
+    built: list[tuple[PlannedTarget, nn.Module, CarryRecord]] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for t in targets:
+            src = model.get_submodule(t.name)
+            block, record = get_block(t.block).from_module(src, t.ctx)
+            block.train(src.training)
+            built.append((t, block, record))
+    by_cls: dict[type, list[tuple[str, nn.Module]]] = {}
+    for t, block, _ in built:
+        for alias in t.aliases:
+            model.set_submodule(alias, block)
+        by_cls.setdefault(type(block), []).append((t.name, block))
+    for cls, placements in by_cls.items():
+        attach = getattr(cls, "attach", None)
+        if callable(attach):
+            attach(model, placements)
+    return {t.name: rec for t, _, rec in built}

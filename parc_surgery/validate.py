@@ -1,0 +1,187 @@
+"""Checks run on a converted model, each recorded as a ``Check`` in the report.
+
+* ``output_shape``: same output shape as the original at the input size;
+* ``output_shape_non_square``: the same at a second, non-square size (n/a when the original itself
+  does not run there, e.g. a fixed-size ViT);
+* ``finite``: outputs are finite at both sizes;
+* ``target_shapes``: every replaced module's input/output shapes equal those of the module it replaced;
+* ``spatial_vs_fft``: the model output with every ParC on ``spatial`` and on ``fft`` agree to 1e-4
+  (relative to the output's largest magnitude);
+* ``traced_vs_eager``: where the original traced with torch.fx, the converted model traces too and
+  its traced output equals the eager one.
+
+All forwards run in eval mode without grad; training flags and ParC impls are restored afterwards.
+On the meta device only the shape checks run (the numeric ones are recorded as n/a).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .ops import ParC
+from .plan import PlannedTarget
+from .probe import _first_tensor, trace_model
+from .report import Check
+
+__all__ = ["eval_forward", "second_size", "validate_model"]
+
+RTOL_IMPL = 1e-4
+RTOL_TRACE = 1e-5
+
+
+def second_size(size: tuple[int, int]) -> tuple[int, int]:
+    """A non-square size near ``size``: width scaled by 3/4, rounded to a multiple of 32 (8 when small)."""
+    h, w = size
+    step = 32 if w >= 96 else 8
+    w2 = max(step, round(w * 0.75 / step) * step)
+    if w2 == w:
+        w2 = w + step
+    return h, w2
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module):
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+
+def eval_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """``model(x)`` in eval mode without grad; ``None`` if the model fails at this input."""
+    try:
+        with _eval(model):
+            return _first_tensor(model(x))
+    except Exception:
+        return None
+
+
+@contextlib.contextmanager
+def _impl(model: nn.Module, impl: str):
+    mods = [m for m in model.modules() if isinstance(m, ParC)]
+    old = [m.impl for m in mods]
+    for m in mods:
+        m.impl = impl
+    try:
+        yield
+    finally:
+        for m, o in zip(mods, old):
+            m.impl = o
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = float(a.abs().max()) or 1.0
+    return float((a.double() - b.double()).abs().max()) / scale
+
+
+def validate_model(
+    new: nn.Module,
+    targets: list[PlannedTarget] | tuple,
+    *,
+    x: torch.Tensor,
+    x2: torch.Tensor,
+    ref: torch.Tensor | None,
+    ref2: torch.Tensor | None,
+    original_traced: bool,
+    leaf_types: tuple[type, ...] = (),
+) -> list[Check]:
+    checks: list[Check] = []
+    meta = x.device.type == "meta"
+    # target shapes, recorded by hooks during the first forward
+    seen: dict[str, list] = {}
+    handles = []
+    for t in targets:
+        mod = new.get_submodule(t.name)
+
+        def hook(m, args, out, _name=t.name):
+            a = _first_tensor(args)
+            o = _first_tensor(out)
+            seen.setdefault(_name, []).append((tuple(a.shape) if a is not None else None, tuple(o.shape)))
+
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        try:
+            with _eval(new):
+                y = _first_tensor(new(x))
+            err = ""
+        except Exception as e:
+            y, err = None, f"{type(e).__name__}: {e}"
+    finally:
+        for h in handles:
+            h.remove()
+    ok = y is not None and ref is not None and tuple(y.shape) == tuple(ref.shape)
+    detail = (
+        f"{tuple(y.shape)} == original {tuple(ref.shape)}"
+        if ok
+        else f"converted model: {err or (y.shape if y is not None else None)}"
+    )
+    checks.append(Check("output_shape", ok, f"at {tuple(x.shape[2:])}: {detail}"))
+    bad = []
+    for t in targets:
+        calls = seen.get(t.name, [])
+        want = (t.in_shape, t.out_shape)
+        if not calls or any(c != want for c in calls):
+            bad.append(f"{t.name}: {calls[:1] or 'not called'} != {want}")
+    checks.append(
+        Check(
+            "target_shapes",
+            y is not None and not bad,
+            f"all {len(targets)} targets keep their input/output shapes" if not bad else "; ".join(bad[:5]),
+        )
+    )
+    y2 = eval_forward(new, x2) if ref2 is not None else None
+    if ref2 is None:
+        checks.append(
+            Check("output_shape_non_square", True, f"n/a: the original model does not run at {tuple(x2.shape[2:])}")
+        )
+    else:
+        ok2 = y2 is not None and tuple(y2.shape) == tuple(ref2.shape)
+        checks.append(
+            Check(
+                "output_shape_non_square",
+                ok2,
+                f"at {tuple(x2.shape[2:])}: {tuple(y2.shape) if y2 is not None else 'failed'} vs original "
+                f"{tuple(ref2.shape)}",
+            )
+        )
+    if meta:
+        for name in ("finite", "spatial_vs_fft", "traced_vs_eager"):
+            checks.append(Check(name, True, "n/a: meta device (shapes only, no values)"))
+        return checks
+    finite = y is not None and bool(torch.isfinite(y).all()) and (y2 is None or bool(torch.isfinite(y2).all()))
+    checks.append(Check("finite", finite, "all outputs finite" if finite else "non-finite values in the output"))
+    if y is None or not any(isinstance(m, ParC) for m in new.modules()):
+        checks.append(Check("spatial_vs_fft", y is not None, "n/a: no ParC layers"))
+    else:
+        with _impl(new, "spatial"):
+            ys = eval_forward(new, x)
+        with _impl(new, "fft"):
+            yf = eval_forward(new, x)
+        if ys is None or yf is None:
+            checks.append(Check("spatial_vs_fft", False, "a forward failed with one of the impls"))
+        else:
+            r = _rel(ys, yf)
+            checks.append(
+                Check("spatial_vs_fft", r <= RTOL_IMPL, f"max relative difference {r:.2e} (<= {RTOL_IMPL:g})")
+            )
+    if not original_traced:
+        checks.append(Check("traced_vs_eager", True, "n/a: the original model does not trace with torch.fx"))
+    else:
+        gm, why = trace_model(new, leaf_types)
+        if gm is None:
+            checks.append(Check("traced_vs_eager", False, f"the converted model does not trace: {why}"))
+        else:
+            yt = eval_forward(gm, x)
+            if yt is None or y is None:
+                checks.append(Check("traced_vs_eager", False, "the traced converted model fails to run"))
+            else:
+                r = _rel(y, yt)
+                checks.append(Check("traced_vs_eager", r <= RTOL_TRACE, f"max relative difference {r:.2e}"))
+    return checks
