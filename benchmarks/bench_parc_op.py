@@ -63,8 +63,14 @@ def make_step(fn: Callable[[torch.Tensor], torch.Tensor], x, g, params, pass_: s
     return step
 
 
-def time_cell(steps: dict[str, Callable[[], None]], rounds: int, min_sample_s: float) -> dict[str, float]:
-    """Median seconds per call of each step, measured round-robin (rotated order) with a common inner count."""
+STAT = {"median": statistics.median, "min": min}
+
+
+def time_cell(
+    steps: dict[str, Callable[[], None]], rounds: int, min_sample_s: float, stat: str = "median"
+) -> dict[str, float]:
+    """Seconds per call of each step (median or min over rounds), measured round-robin (order rotated every
+    round) with a common inner count."""
     for step in steps.values():  # warm up (allocator, MKL plans, kernel caches)
         step()
         step()
@@ -81,10 +87,10 @@ def time_cell(steps: dict[str, Callable[[], None]], rounds: int, min_sample_s: f
             for _ in range(inner):
                 steps[k]()
             samples[k].append((time.perf_counter() - t0) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return {k: STAT[stat](v) for k, v in samples.items()}
 
 
-def bench(axis: str, channels, sizes, batch: int, rounds: int, min_sample_s: float, passes=PASSES):
+def bench(axis: str, channels, sizes, batch: int, rounds: int, min_sample_s: float, stat: str, passes=PASSES):
     rows = []
     for c in channels:
         for n in sizes:
@@ -110,7 +116,7 @@ def bench(axis: str, channels, sizes, batch: int, rounds: int, min_sample_s: flo
                     k: make_step(fn, x, g, ref_params if k == "ref" else list(mods[k].parameters()), pass_)
                     for k, fn in fns.items()
                 }
-                t = time_cell(steps, rounds, min_sample_s)
+                t = time_cell(steps, rounds, min_sample_s, stat)
                 rows.append({"axis": axis, "pass": pass_, "C": c, "N": n, **t})
                 print(format_row(rows[-1]), flush=True)
             del x, g, mods
@@ -162,15 +168,16 @@ def summary(rows) -> str:
     return "\n".join(lines)
 
 
-def crossover(channels, sizes, batch: int, rounds: int, min_sample_s: float, axes=("height", "width")):
+def crossover(channels, sizes, batch, rounds, min_sample_s, stat, axes=("height",), dense=False):
     """FFT / spatial time ratios over a fine N grid, per pass (the basis of choose_impl)."""
-    print("| axis | pass | C | N | spatial ms | fft ms | fft/spatial |\n|---|---|---|---|---|---|---|")
+    kind = "dense" if dense else "depthwise"
+    print(f"{kind}\n\n| axis | pass | C | N | spatial ms | fft ms | fft/spatial |\n|---|---|---|---|---|---|---|")
     for axis in axes:
         for c in channels:
             for n in sizes:
                 torch.manual_seed(0)
-                sp = ParC(c, n, axis, impl="spatial")
-                ff = ParC(c, n, axis, impl="fft")
+                sp = ParC(c, n, axis, impl="spatial", dense=dense)
+                ff = ParC(c, n, axis, impl="fft", dense=dense)
                 ff.load_state_dict(sp.state_dict())
                 x = torch.randn(batch, c, n, n)
                 g = torch.randn(batch, c, n, n)
@@ -183,7 +190,7 @@ def crossover(channels, sizes, batch: int, rounds: int, min_sample_s: float, axe
                         "ref": make_step(sp, x, g, list(sp.parameters()), pass_),  # "ref" is spatial here
                         "fft": make_step(ff, x, g, list(ff.parameters()), pass_),
                     }
-                    t = time_cell(steps, rounds, min_sample_s)
+                    t = time_cell(steps, rounds, min_sample_s, stat)
                     print(
                         f"| {axis} | {pass_} | {c} | {n} | {t['ref'] * 1e3:.3f} | {t['fft'] * 1e3:.3f} | "
                         f"{t['fft'] / t['ref']:.2f} |",
@@ -199,27 +206,32 @@ def main(argv=None):
     ap.add_argument("--sizes", type=int, nargs="+", default=[7, 14, 28, 56, 112])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=9)
-    ap.add_argument("--min-sample-ms", type=float, default=25.0, help="inner repeats make each sample this long")
+    ap.add_argument("--min-sample-ms", type=float, default=5.0, help="inner repeats make each sample this long")
+    ap.add_argument("--stat", choices=tuple(STAT), default="median", help="statistic over rounds")
+    ap.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--crossover", action="store_true", help="fine N sweep of FFT vs spatial instead of the table")
+    ap.add_argument("--dense", action="store_true", help="with --crossover: dense (channel-mixing) kernels")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.channels, args.sizes, args.rounds, args.min_sample_ms = [64], [14, 56], 5, 10.0
+        args.channels, args.sizes, args.rounds = [64], [14, 56], 5
     print(
         f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, "
-        f"batch={args.batch}, rounds={args.rounds}, float32, pe+bias, K=N\n"
+        f"batch={args.batch}, rounds={args.rounds}, stat={args.stat}, float32, pe+bias, K=N\n"
     )
     if args.crossover:
         sizes = args.sizes if args.sizes != [7, 14, 28, 56, 112] else [40, 48, 56, 64, 72, 80, 96, 112, 128]
         axes = ("height", "width") if args.axis == "both" else (args.axis,)
-        crossover(args.channels, sizes, args.batch, args.rounds, args.min_sample_ms / 1e3, axes)
+        crossover(args.channels, sizes, args.batch, args.rounds, args.min_sample_ms / 1e3, args.stat, axes, args.dense)
         return
     axes = ("height", "width") if args.axis == "both" else (args.axis,)
     print(HEADER)
     rows = []
     for axis in axes:
-        rows += bench(axis, args.channels, args.sizes, args.batch, args.rounds, args.min_sample_ms / 1e3)
+        rows += bench(
+            axis, args.channels, args.sizes, args.batch, args.rounds, args.min_sample_ms / 1e3, args.stat, args.passes
+        )
     print()
     print(summary(rows))
 

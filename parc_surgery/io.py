@@ -200,7 +200,13 @@ def _parc_impls(model: nn.Module) -> dict[str, str]:
 
 def _plan_key(plan: dict) -> list[tuple]:
     return [
-        (t.get("name"), t.get("block"), tuple(t.get("kernel_size") or ()), t.get("pe"), tuple(t.get("feature_size") or ()))
+        (
+            t.get("name"),
+            t.get("block"),
+            tuple(t.get("kernel_size") or ()),
+            t.get("pe"),
+            tuple(t.get("feature_size") or ()),
+        )
         for t in plan.get("targets", [])
     ]
 
@@ -248,6 +254,8 @@ def _rebuild(history: dict, *, meta: bool, where: str) -> nn.Module:
             )
         except ParcSurgeryError as e:
             raise CheckpointError(f"{source}: the recorded conversion no longer applies: {e}") from e
+        except (TypeError, ValueError, KeyError) as e:  # a malformed step (hand-edited manifest)
+            raise CheckpointError(f"{source}: malformed conversion step: {type(e).__name__}: {e}") from e
         if _plan_key(conv.plan.to_dict()) != _plan_key(step["plan"]):
             got = [(t.name, t.block) for t in conv.plan.targets]
             want = [(t.get("name"), t.get("block")) for t in step["plan"].get("targets", [])]
@@ -277,7 +285,9 @@ def _build(history: dict, *, device: str | torch.device, where: str) -> nn.Modul
 def _check_target(path: Path, force: bool) -> None:
     directory = path.parent
     if not directory.exists():
-        raise CheckpointError(f"cannot write {str(path)!r}: directory {str(directory)!r} does not exist; create it first")
+        raise CheckpointError(
+            f"cannot write {str(path)!r}: directory {str(directory)!r} does not exist; create it first"
+        )
     if not directory.is_dir():
         raise CheckpointError(f"cannot write {str(path)!r}: {str(directory)!r} is not a directory")
     if path.is_dir():
@@ -366,6 +376,7 @@ def save(
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         _check_target(path, force)  # a file that appeared meanwhile is still not overwritten silently
         os.replace(tmp, path)
         tmp = None
@@ -383,6 +394,12 @@ def save(
 
 
 save_conversion = save
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fail(path: Path, what: str) -> CheckpointError:

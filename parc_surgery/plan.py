@@ -140,6 +140,9 @@ def build_plan(
         kernel = None if opts.kernel_size == "auto" else tuple(opts.kernel_size)
         options = dict(opts.block_options)
         options.update(extra)
+        # what the probe saw the module do: blocks that size themselves from it read these
+        options["source_in_shape"] = rec.in_shape
+        options["source_out_shape"] = rec.out_shape
         ctx = BlockContext(
             feature_size=feat,
             kernel_size=kernel,
@@ -167,11 +170,21 @@ def build_plan(
 
 
 def check_plan(model: nn.Module, targets: list[PlannedTarget], probe: ProbeResult) -> None:
-    """Ask every block whether it can replace its module; raise one error listing all problems."""
+    """Ask every block whether it can replace its module; raise one error listing all problems.
+
+    Refused for any block: a module whose output is not one tensor (a tuple / dict: the replacement returns one
+    tensor) and a shared module run at several input shapes.
+    """
     problems = []
     for t in targets:
         mod = model.get_submodule(t.name)
         rec = probe.calls[t.name]
+        if rec.out_tensor and not all(rec.out_tensor):
+            problems.append(
+                f"{t.name} ({t.source_type.rsplit('.', 1)[-1]}): the module returns a tuple / list / dict, not one "
+                "tensor; a replacement block returns one tensor, so its callers would break. Exclude it."
+            )
+            continue
         if len(set(rec.in_shapes)) > 1:
             problems.append(
                 f"{t.name} ({t.source_type.rsplit('.', 1)[-1]}): the module is shared and runs at "

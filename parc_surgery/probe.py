@@ -5,7 +5,10 @@ model lives on, the meta device included) with forward hooks on every submodule 
 sees every aten op. It records, per module, the input/output shapes of each call and the call order,
 and finds attention token mixers *structurally*: a module whose own forward runs
 ``scaled_dot_product_attention`` or a ``softmax`` fed by a matmul whose result feeds another matmul
-(softmax(Q K^T) V), whatever the module is called.
+(softmax(Q K^T) V), whatever the module is called (ops of parameter-free leaf children such as an
+``nn.Softmax`` count as the caller's own). Only attention that keeps its input's token / spatial layout
+is a token mixer (``ProbeResult.attention``); attention pooling and class / cross attention, whose
+output has fewer tokens, are listed apart (``ProbeResult.other_attention``).
 
 ``trace_model`` tries torch.fx with timm's leaf registry (plus any extra leaf types); models that don't
 trace are still handled through the recorded forward (the hooks), and the report says which was used.
@@ -43,6 +46,7 @@ class CallRecord:
     order: int
     in_shapes: list[tuple[int, ...] | None] = field(default_factory=list)
     out_shapes: list[tuple[int, ...] | None] = field(default_factory=list)
+    out_tensor: list[bool] = field(default_factory=list)  # per call: the output was a plain tensor
 
     @property
     def calls(self) -> int:
@@ -62,9 +66,10 @@ class ProbeResult:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...] | None
     calls: dict[str, CallRecord]
-    attention: tuple[str, ...]
+    attention: tuple[str, ...]  # attention token mixers: attention that keeps the token / spatial layout
     aliases: dict[str, tuple[str, ...]]  # name -> every qualified name of the same module object
     output: torch.Tensor | None = None  # the (first tensor of the) model output
+    other_attention: tuple[str, ...] = ()  # attention that is no token mixer (pooling, class / cross attention)
 
     def called(self, name: str) -> bool:
         rec = self.calls.get(name)
@@ -88,15 +93,21 @@ def _first_tensor(obj) -> torch.Tensor | None:
 
 
 class _OpRecorder(TorchDispatchMode):
-    """Records, for each aten op, the innermost module running it (from the hook-maintained stack)."""
+    """Records, for each aten op, the innermost module running it (from the hook-maintained stack).
 
-    def __init__(self, stack: list[str]):
+    Modules named in ``transparent`` (parameter-free leaves such as ``nn.Softmax`` / ``nn.Dropout``) do not
+    own ops: their ops go to the module that called them, so an attention whose softmax is an
+    ``nn.Softmax`` child (Swin's ``WindowAttention``) still shows softmax(Q K^T) V in its own ops.
+    """
+
+    def __init__(self, stack: list[str], transparent: frozenset[str] = frozenset()):
         super().__init__()
         self.stack = stack
+        self.transparent = transparent
         self.ops: dict[str, list[str]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        owner = self.stack[-1] if self.stack else ""
+        owner = next((n for n in reversed(self.stack) if n not in self.transparent), "")
         self.ops.setdefault(owner, []).append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
 
@@ -178,6 +189,7 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
                 stack.pop()
             t = _first_tensor(out)
             calls[name].out_shapes.append(tuple(t.shape) if t is not None else None)
+            calls[name].out_tensor.append(isinstance(out, torch.Tensor))
 
         return hook
 
@@ -189,7 +201,12 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
         handles.append(mod.register_forward_pre_hook(pre(name), with_kwargs=True))
         handles.append(mod.register_forward_hook(post(name)))
     was_training = model.training
-    recorder = _OpRecorder(stack)
+    transparent = frozenset(
+        name
+        for name, mod in model.named_modules()
+        if name and not any(True for _ in mod.children()) and not any(True for _ in mod.parameters())
+    )
+    recorder = _OpRecorder(stack, transparent)
     try:
         model.eval()
         with torch.no_grad(), recorder:
@@ -204,13 +221,37 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
             h.remove()
         model.train(was_training)
     t = _first_tensor(out)
-    attention = tuple(_attention_owners(recorder.ops))
+    owners = _attention_owners(recorder.ops)
+    attention = tuple(n for n in owners if _keeps_layout(calls[n]))
+    other = tuple(n for n in owners if n not in attention)
     alias_map = {}
     for names in aliases.values():
         for n in names:
             alias_map[n] = tuple(names)
     # records under the canonical (first) name only; expose aliases separately
-    return ProbeResult(tuple(x.shape), tuple(t.shape) if t is not None else None, calls, attention, alias_map, t)
+    return ProbeResult(tuple(x.shape), tuple(t.shape) if t is not None else None, calls, attention, alias_map, t, other)
+
+
+def _keeps_layout(rec: CallRecord) -> bool:
+    """Whether every call maps its input to an output with the same batch and token / spatial extent.
+
+    (B, N, C) -> (B, N, C'), (B, C, H, W) -> (B, C', H, W) or (B, H, W, C) -> (B, H, W, C'): a token mixer.
+    Attention pooling ((B, N, C) -> (B, C)) and class / cross attention ((B, 1 + N, C) -> (B, 1, C)) are not.
+    """
+    if not rec.in_shapes:
+        return False
+    for a, b in zip(rec.in_shapes, rec.out_shapes):
+        if a is None or b is None or len(a) != len(b) or a[0] != b[0]:
+            return False
+        if len(a) == 3:
+            if a[1] != b[1]:
+                return False
+        elif len(a) == 4:
+            if a[2:] != b[2:] and a[1:3] != b[1:3]:
+                return False
+        else:
+            return False
+    return True
 
 
 def _timm_leaves() -> tuple[list[type], list]:

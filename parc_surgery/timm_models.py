@@ -163,6 +163,4 @@ def parc_convnext_xt(pretrained: bool = False, **kwargs) -> nn.Module:
 @register_model
 def parc_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> nn.Module:
     """DeiT-Tiny with every attention token mixer replaced by a ParC token mixer."""
-    return _create(
-        "parc_deit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_attention2parc", pretrained, **kwargs
-    )
+    return _create("parc_deit_tiny_patch16_224", "deit_tiny_patch16_224", "vit_attention2parc", pretrained, **kwargs)

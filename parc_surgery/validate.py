@@ -7,8 +7,9 @@
 * ``target_shapes``: every replaced module's input/output shapes equal those of the module it replaced;
 * ``spatial_vs_fft``: the model output with every ParC on ``spatial`` and on ``fft`` agree to 1e-4
   (relative to the output's largest magnitude);
-* ``traced_vs_eager``: where the original traced with torch.fx, the converted model traces too and
-  its traced output equals the eager one.
+* ``traced_vs_eager``: where the original traced with torch.fx, the converted model traces too (in eval
+  mode, as Python branches on ``self.training`` are fixed at trace time) and its traced output equals the
+  eager one.
 
 All forwards run in eval mode without grad; training flags and ParC impls are restored afterwards.
 On the meta device only the shape checks run (the numeric ones are recorded as n/a).
@@ -174,7 +175,8 @@ def validate_model(
     if not original_traced:
         checks.append(Check("traced_vs_eager", True, "n/a: the original model does not trace with torch.fx"))
     else:
-        gm, why = trace_model(new, leaf_types)
+        with _eval(new):  # traced in eval mode: branches on ``self.training`` are baked into the graph
+            gm, why = trace_model(new, leaf_types)
         if gm is None:
             checks.append(Check("traced_vs_eager", False, f"the converted model does not trace: {why}"))
         else:

@@ -95,6 +95,24 @@ def test_matches_reference(impl, axis, n, dense):
             assert err < tol, f"{impl} {axis} N={n} {shape} pe={pe} bias={bias} {dtype}: max err {err:.3g}"
 
 
+@pytest.mark.parametrize("impl", ["spatial", "fft"])
+@pytest.mark.parametrize("axis", ["height", "width"])
+def test_no_grad_eval_and_channels_last_paths(axis, impl):
+    # the inference code paths (in-place adds, per-image GEMMs for long lines, the cache) and strided inputs
+    for n in (7, 8, 9, 47, 48, 56):
+        for pe, bias in ((True, True), (False, True), (False, False)):
+            m = make(2, 6, axis, pe=pe, bias=bias, impl=impl, dtype=torch.float32, seed=n)
+            x = torch.randn(3, 2, n, 5) if axis == "height" else torch.randn(3, 2, 5, n)
+            r = module_ref(m, x)
+            with torch.no_grad():
+                assert (m(x).double() - r).abs().max() < 1e-5
+                assert (m(x.to(memory_format=torch.channels_last)).double() - r).abs().max() < 1e-5
+                m.eval()
+                assert (m(x).double() - r).abs().max() < 1e-5
+                assert (m(x).double() - r).abs().max() < 1e-5  # from the cache
+            assert (m(x.to(memory_format=torch.channels_last)).double() - r).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("axis", ["height", "width"])
 def test_non_square_sizes_each_axis_from_its_own_dimension(axis):
     m = make(3, 6, axis, impl="spatial")
@@ -414,6 +432,17 @@ def test_cache_with_frozen_parameters_and_load_state_dict():
     m.load_state_dict(other.state_dict())
     with torch.no_grad():
         assert (m(x) - module_ref(other, x)).abs().max() < 1e-10
+
+
+def test_cache_entries_from_inference_mode_do_not_leak_into_autograd():
+    m = make(3, 8, "height", impl="spatial").eval().requires_grad_(False)
+    x = torch.randn(1, 3, 8, 5, dtype=torch.float64)
+    with torch.inference_mode():
+        y_inf = m(x)
+    xg = x.clone().requires_grad_(True)
+    y = m(xg)  # must not reuse inference tensors (they cannot be saved for backward)
+    y.sum().backward()
+    assert torch.equal(y.detach(), y_inf) and xg.grad.abs().max() > 0
 
 
 def test_cache_survives_copy_dtype_and_state_dict_round_trip():

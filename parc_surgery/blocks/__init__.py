@@ -1,6 +1,14 @@
 """Replacement blocks and their registry. Importing this package registers the bundled blocks."""
 
-from . import bottleneck, convnext, inverted_residual, metaformer, parcnet, vit_mixer  # noqa: F401  (registers)
+from . import (  # noqa: F401  (registers)
+    bottleneck,
+    convnext,
+    generic_mixer,
+    inverted_residual,
+    metaformer,
+    parcnet,
+    vit_mixer,
+)
 from ._carry import CarryBuilder, CarryRecord
 from ._registry import BlockContext, get_block, is_block, list_blocks, register_block, unregister_block
 

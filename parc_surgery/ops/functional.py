@@ -130,14 +130,51 @@ def prepare_kernel(weight: torch.Tensor, axis: Axis, dense: bool, impl: Literal[
     return mat if axis == "height" else mat.transpose(1, 2).contiguous()
 
 
-def _apply_spatial(x: torch.Tensor, kernel: torch.Tensor, axis: str, dense: bool) -> torch.Tensor:
+# Spatial GEMM layouts (measured with benchmarks/bench_parc_op.py, see benchmarks/README.md):
+# lines up to _SHORT_LINE long run as one GEMM per channel over all lines of the batch (few, wide GEMMs beat
+# B*C tiny ones); longer lines as one (N, N) GEMM per (image, channel) — broadcast matmul, or without autograd
+# from _LONG_LINE up one batched GEMM per image written in place (saves the (B, C, N, N) expanded-kernel copy).
+_SHORT_LINE = 8
+_LONG_LINE = 48
+
+
+def _add(y: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    if offset is None:
+        return y
+    offset = offset.to(y.dtype)
+    return y + offset if torch.is_grad_enabled() else y.add_(offset)
+
+
+def _apply_spatial(
+    x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor | None, axis: str, dense: bool
+) -> torch.Tensor:
+    b, c, h, w = x.shape
+    height = axis == "height"
+    n = h if height else w
     if dense:  # the reference formulation: valid conv over the circularly extended map
         dim = _dim(axis)
-        n = x.shape[dim]
         xp = torch.cat([x, x.narrow(dim, 0, n - 1)], dim=dim) if n > 1 else x
-        return F.conv2d(xp, kernel)
-    # one (N, N) GEMM per (image, channel): (C, H, H) @ (B, C, H, W) or (B, C, H, W) @ (C, W, W)
-    return torch.matmul(kernel, x) if axis == "height" else torch.matmul(x, kernel)
+        return _add(F.conv2d(xp, kernel), offset)
+    if n <= _SHORT_LINE:  # the offset (1, C, N or 1, 1) / (1, C, 1, N or 1) goes into the GEMM
+        if height:  # (C, H, H) @ (C, H, B*W)
+            off = None if offset is None else offset.to(x.dtype).view(c, -1, 1)
+            xt = x.permute(1, 2, 0, 3).reshape(c, h, b * w)
+            y = torch.bmm(kernel, xt) if off is None else torch.baddbmm(off, kernel, xt)
+            return y.view(c, h, b, w).permute(2, 0, 1, 3).contiguous()
+        off = None if offset is None else offset.to(x.dtype).view(c, 1, -1)
+        xt = x.transpose(0, 1).reshape(c, b * h, w)  # (C, B*H, W) @ (C, W, W)
+        y = torch.bmm(xt, kernel) if off is None else torch.baddbmm(off, xt, kernel)
+        return y.view(c, b, h, w).transpose(0, 1).contiguous()
+    if n >= _LONG_LINE and not torch.is_grad_enabled() and x.is_contiguous() and not torch.compiler.is_compiling():
+        y = torch.empty_like(x)
+        for i in range(b):
+            if height:
+                torch.matmul(kernel, x[i], out=y[i])
+            else:
+                torch.matmul(x[i], kernel, out=y[i])
+        return _add(y, offset)
+    y = torch.matmul(kernel, x) if height else torch.matmul(x, kernel)
+    return _add(y, offset)
 
 
 def _apply_fft(x: torch.Tensor, spec: torch.Tensor, axis: str, dense: bool) -> torch.Tensor:
@@ -176,14 +213,9 @@ def apply_kernel(
     The result has ``x``'s dtype; ``kernel``/``offset`` must already have it for ``spatial``.
     """
     if impl == "fft":
-        in_dtype = x.dtype
-        y = _apply_fft(x.to(kernel.real.dtype), kernel, axis, dense)
-    else:
-        in_dtype = None
-        y = _apply_spatial(x, kernel, axis, dense)
-    if offset is not None:
-        y = y.add_(offset.to(y.dtype)) if not torch.is_grad_enabled() else y + offset.to(y.dtype)
-    return y if in_dtype is None else y.to(in_dtype)
+        y = _add(_apply_fft(x.to(kernel.real.dtype), kernel, axis, dense), offset)
+        return y.to(x.dtype)
+    return _apply_spatial(x, kernel, offset, axis, dense)
 
 
 def prepare(
@@ -212,10 +244,9 @@ def prepare(
     if bias is not None:
         b = bias.to(cdt).view(1, -1, 1, 1)
         offset = b if offset is None else offset + b
-    if impl == "spatial":
+    if impl == "spatial":  # the FFT path computes in cdt and casts its result instead
         kernel = kernel.to(dtype)
-    if offset is not None:
-        offset = offset.to(dtype)
+        offset = None if offset is None else offset.to(dtype)
     return kernel, offset
 
 

@@ -194,7 +194,8 @@ class ParC(nn.Module):
         check_input(x, self.weight.shape[0], self.axis)
         impl = _resolve_impl(self.impl, x, self.weight, self.axis, self.dense)
         n = x.shape[2] if self.axis == "height" else x.shape[3]
-        key = (impl, n, x.dtype, x.device)
+        # inference-mode tensors cannot be saved for backward: keep those entries apart
+        key = (impl, n, x.dtype, x.device, torch.is_inference_mode_enabled())
         stamp = tuple((id(p), p.data_ptr(), p._version) for p in self._params())
         entry = self._kernel_cache.get(key)
         if entry is None or entry[0] != stamp:
