@@ -64,6 +64,8 @@ def make_step(fn: Callable[[torch.Tensor], torch.Tensor], x, g, params, pass_: s
 
 
 STAT = {"median": statistics.median, "min": min}
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
 
 
 def time_cell(
@@ -74,19 +76,19 @@ def time_cell(
     for step in steps.values():  # warm up (allocator, MKL plans, kernel caches)
         step()
         step()
-    t0 = time.perf_counter()
+    t0 = _clock()
     steps["ref"]()
-    est = max(time.perf_counter() - t0, 1e-6)
+    est = max(_clock() - t0, 1e-6)
     inner = max(1, int(min_sample_s / est + 0.5))
     names = list(steps)
     samples: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for k in order:
-            t0 = time.perf_counter()
+            t0 = _clock()
             for _ in range(inner):
                 steps[k]()
-            samples[k].append((time.perf_counter() - t0) / inner)
+            samples[k].append((_clock() - t0) / inner)
     return {k: STAT[stat](v) for k, v in samples.items()}
 
 
@@ -208,17 +210,26 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--min-sample-ms", type=float, default=5.0, help="inner repeats make each sample this long")
     ap.add_argument("--stat", choices=tuple(STAT), default="median", help="statistic over rounds")
+    ap.add_argument(
+        "--clock",
+        choices=tuple(CLOCK),
+        default="wall",
+        help="wall: perf_counter; cpu: process CPU time of all threads (robust to preemption on a loaded machine; "
+        "run with OMP_WAIT_POLICY=PASSIVE so idle threads do not spin)",
+    )
     ap.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--crossover", action="store_true", help="fine N sweep of FFT vs spatial instead of the table")
     ap.add_argument("--dense", action="store_true", help="with --crossover: dense (channel-mixing) kernels")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global _clock
+    _clock = CLOCK[args.clock]
     if args.quick:
         args.channels, args.sizes, args.rounds = [64], [14, 56], 5
     print(
         f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, threads={args.threads}, "
-        f"batch={args.batch}, rounds={args.rounds}, stat={args.stat}, float32, pe+bias, K=N\n"
+        f"batch={args.batch}, rounds={args.rounds}, stat={args.stat}, clock={args.clock}, float32, pe+bias, K=N\n"
     )
     if args.crossover:
         sizes = args.sizes if args.sizes != [7, 14, 28, 56, 112] else [40, 48, 56, 64, 72, 80, 96, 112, 128]

@@ -8,6 +8,7 @@ Quickstart::
     print(conv.report.to_markdown())
 """
 
+from . import timm_models  # noqa: F401  (registers parcnet_s & co. with timm)
 from .api import Candidates, Conversion, convert, list_candidates
 from .blocks import BlockContext, CarryRecord, get_block, list_blocks, register_block
 from .errors import (
@@ -21,6 +22,7 @@ from .errors import (
     ValidationError,
 )
 from .flops import count_macs, count_params
+from .io import load, read_manifest, save
 from .ops import ParC
 from .plan import Plan
 from .report import Check, Report
@@ -55,7 +57,10 @@ __all__ = [
     "list_blocks",
     "list_candidates",
     "list_rules",
+    "load",
     "load_rule",
+    "read_manifest",
     "register_block",
     "register_type",
+    "save",
 ]

@@ -21,7 +21,7 @@ from .errors import ConfigError, NoMatchError, ValidationError
 from .flops import count_macs, count_params
 from .match import TargetDiagnostic, select_targets
 from .ops import ParC
-from .plan import Plan, PlannedTarget, build_plan, check_plan
+from .plan import Plan, PlannedTarget, build_plan, check_plan, target_problem
 from .probe import ProbeResult, example_input, probe_model, trace_model
 from .report import Check, Report, TargetReport
 from .rewrite import apply_plan
@@ -222,8 +222,27 @@ def _no_match(rule: Rule, survey: _Survey, diags, model_name: str, extra: str = 
     )
 
 
+def _acceptor(rule: Rule, survey: _Survey, model_name: str):
+    """The ``accept`` callback of :func:`select_targets`: asks the target's block (see match precedence rule 2)."""
+
+    def accept(sel):
+        t = build_plan(
+            survey.work, rule, survey.probe, survey.stages, [sel], model_name=model_name, input_size=survey.size
+        )[0]
+        why = target_problem(survey.work, t, survey.probe)
+        if why is None:
+            return None
+        return why, bool(getattr(get_block(t.block), "skip_unsupported", False))
+
+    return accept
+
+
+def _select(rule, survey, model_name):
+    return select_targets(survey.work, rule, survey.probe, survey.stages, accept=_acceptor(rule, survey, model_name))
+
+
 def _plan(rule, survey, model_name, *, impl, init) -> tuple[list[PlannedTarget], list, list[str]]:
-    selections, diags = select_targets(survey.work, rule, survey.probe, survey.stages)
+    selections, diags = _select(rule, survey, model_name)
     notes = []
     done = [s for s in selections if _already_converted(survey.work, s.name)]
     if done:
@@ -270,7 +289,7 @@ def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_siz
     name = get_model_name(model)
     selected, diags = None, ()
     if r is not None:
-        selections, diags = select_targets(survey.work, r, survey.probe, survey.stages)
+        selections, diags = _select(r, survey, name)
         selected = tuple(
             build_plan(survey.work, r, survey.probe, survey.stages, selections, model_name=name, input_size=size)
         )

@@ -20,17 +20,16 @@ partial file behind.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._atomic import atomic_target
 from .errors import CheckpointError, ParcSurgeryError
 
 __all__ = ["MANIFEST_KEY", "MANIFEST_VERSION", "load", "load_conversion", "read_manifest", "save", "save_conversion"]
@@ -371,35 +370,20 @@ def save(
     metadata = {MANIFEST_KEY: json.dumps(manifest, sort_keys=True), "format": "pt"}
     from safetensors.torch import save_file
 
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        _check_target(path, force)  # a file that appeared meanwhile is still not overwritten silently
-        os.replace(tmp, path)
-        tmp = None
+        with atomic_target(path, before_replace=lambda: _check_target(path, force)) as tmp:
+            # _check_target again right before the move: a file that appeared meanwhile is not overwritten
+            save_file(tensors, str(tmp), metadata=metadata)
     except OSError as e:
         raise CheckpointError(f"cannot write {str(path)!r}: {e.strerror or e}") from e
     except CheckpointError:
         raise
     except Exception as e:  # safetensors' own errors
         raise CheckpointError(f"cannot write {str(path)!r}: {type(e).__name__}: {e}") from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
     return path
 
 
 save_conversion = save
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _fail(path: Path, what: str) -> CheckpointError:

@@ -6,7 +6,11 @@ Precedence (one rule, documented once):
    (type AND name AND stages AND attention) and neither it nor a module around it meets every criterion
    given under ``exclude`` (excluding a module excludes everything inside it).
 2. Targets are tried in file order; a module already selected by an earlier target, or inside or around
-   one, is not selected again (the earlier target wins).
+   one, is not selected again (the earlier target wins). When the engine passes ``accept`` (it asks the
+   target's block whether it can replace the module), a module the block refuses is left to the later
+   targets; if none of them takes it, it stays with its first target (so the conversion reports the
+   refusal), unless that target's block skips what it cannot replace (a generic fallback block), which
+   leaves it out with a note.
 3. Within a target, when a module and one of its descendants are both selected, the outermost wins.
 4. A stage selection ``fraction: f`` takes the last ``round(n * f)`` blocks (at least one) of each
    named stage; the stage's first block is left out when it changes the feature shape (the strided /
@@ -22,6 +26,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -128,9 +133,19 @@ def _criteria(sel: Selector, modules: dict[str, nn.Module], probe: ProbeResult, 
 
 
 def select_targets(
-    model: nn.Module, rule: Rule, probe: ProbeResult, stages: list[Stage]
+    model: nn.Module,
+    rule: Rule,
+    probe: ProbeResult,
+    stages: list[Stage],
+    *,
+    accept: Callable[[Selection], tuple[str, bool] | None] | None = None,
 ) -> tuple[list[Selection], list[TargetDiagnostic]]:
-    """Apply ``rule`` to ``model``: the selected modules (canonical names) and a diagnostic per target."""
+    """Apply ``rule`` to ``model``: the selected modules (canonical names) and a diagnostic per target.
+
+    ``accept(selection)`` returns ``None`` when the target's block can replace the module, else
+    ``(reason, skip)``: ``skip`` leaves the module out for good (a lenient block), otherwise later targets may
+    take it (precedence rule 2).
+    """
     modules: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if n}
     stage_of: dict[str, tuple[int, int]] = {}
     for st in stages:
@@ -139,6 +154,7 @@ def select_targets(
     taken: list[str] = []
     selections: list[Selection] = []
     diags: list[TargetDiagnostic] = []
+    refused: dict[str, tuple[Selection, TargetDiagnostic, str]] = {}  # left to later targets
 
     def overlaps(name: str, others: list[str]) -> bool:
         return any(name == o or name.startswith(o + ".") or o.startswith(name + ".") for o in others)
@@ -170,13 +186,30 @@ def select_targets(
         clash = [n for n in outer if overlaps(n, taken)]
         if clash:
             diag.notes.append(f"{len(clash)} already taken by an earlier target")
-        kept = [n for n in outer if n not in clash]
-        for n in kept:
+        kept = []
+        skipped: list[str] = []
+        for n in outer:
+            if n in clash:
+                continue
             st = stage_of.get(n)
-            selections.append(
-                Selection(n, probe.aliases.get(n, (n,)), ti, st[0] if st else None, st[1] if st else None)
-            )
+            sel = Selection(n, probe.aliases.get(n, (n,)), ti, st[0] if st else None, st[1] if st else None)
+            verdict = accept(sel) if accept is not None else None
+            if verdict is None:
+                kept.append(n)
+                selections.append(sel)
+                refused.pop(n, None)
+            elif verdict[1]:
+                skipped.append(f"{n}: {verdict[0]}")
+            else:
+                refused.setdefault(n, (sel, diag, verdict[0]))
+        if skipped:
+            diag.notes.append(f"{len(skipped)} left out (the block cannot replace them): " + "; ".join(skipped[:3]))
         taken.extend(kept)
         diag.selected = len(kept)
         diags.append(diag)
+    # refused modules no later target took stay with their first target: the plan check reports why
+    for n, (sel, diag, _) in refused.items():
+        if not overlaps(n, taken):
+            selections.append(sel)
+            diag.selected += 1
     return selections, diags

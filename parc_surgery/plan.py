@@ -1,8 +1,8 @@
 """The conversion plan: every target resolved to a block, a feature size and options, then checked.
 
 ``build_plan`` turns selections into :class:`PlannedTarget` records (nothing is built yet);
-``check_plan`` asks each block whether it can replace its module and raises one
-:class:`UnsupportedTargetError` listing every problem, before anything is touched.
+``check_plan`` asks each block whether it can replace its module (:func:`target_problem`) and raises
+one :class:`UnsupportedTargetError` listing every problem, before anything is touched.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .blocks import BlockContext, get_block
-from .errors import UnsupportedTargetError
+from .errors import ParcSurgeryError, UnsupportedTargetError
 from .match import Selection
 from .probe import ProbeResult
 from .rule import Rule
 from .stages import Stage
 
-__all__ = ["Plan", "PlannedTarget", "build_plan", "check_plan", "token_grid"]
+__all__ = ["Plan", "PlannedTarget", "build_plan", "check_plan", "target_problem", "token_grid"]
 
 
 @dataclass(frozen=True)
@@ -169,35 +169,38 @@ def build_plan(
     return targets
 
 
-def check_plan(model: nn.Module, targets: list[PlannedTarget], probe: ProbeResult) -> None:
-    """Ask every block whether it can replace its module; raise one error listing all problems.
+def target_problem(model: nn.Module, t: PlannedTarget, probe: ProbeResult) -> str | None:
+    """Why ``t``'s block cannot replace its module (``None`` if it can); never raises.
 
     Refused for any block: a module whose output is not one tensor (a tuple / dict: the replacement returns one
-    tensor) and a shared module run at several input shapes.
+    tensor) and a shared module run at several input shapes. Otherwise the block's ``check_source`` decides.
     """
-    problems = []
-    for t in targets:
-        mod = model.get_submodule(t.name)
-        rec = probe.calls[t.name]
-        if rec.out_tensor and not all(rec.out_tensor):
-            problems.append(
-                f"{t.name} ({t.source_type.rsplit('.', 1)[-1]}): the module returns a tuple / list / dict, not one "
-                "tensor; a replacement block returns one tensor, so its callers would break. Exclude it."
-            )
-            continue
-        if len(set(rec.in_shapes)) > 1:
-            problems.append(
-                f"{t.name} ({t.source_type.rsplit('.', 1)[-1]}): the module is shared and runs at "
-                f"{len(rec.in_shapes)} call sites with different input shapes {sorted(set(rec.in_shapes))}; "
-                "a ParC block is sized for one feature size. Unshare it or exclude it."
-            )
-            continue
-        try:
-            get_block(t.block).check_source(mod, t.ctx)
-        except UnsupportedTargetError as e:
-            problems.append(f"{t.name}: {e}")
-        except Exception as e:  # a block's check failing unexpectedly is still the target's problem
-            problems.append(f"{t.name}: block {t.block!r} cannot check this module ({type(e).__name__}: {e})")
+    mod = model.get_submodule(t.name)
+    rec = probe.calls[t.name]
+    kind = t.source_type.rsplit(".", 1)[-1]
+    if rec.out_tensor and not all(rec.out_tensor):
+        return (
+            f"{t.name} ({kind}): the module returns a tuple / list / dict, not one tensor; a replacement block "
+            "returns one tensor, so its callers would break. Exclude it."
+        )
+    if len(set(rec.in_shapes)) > 1:
+        return (
+            f"{t.name} ({kind}): the module is shared and runs at {len(rec.in_shapes)} call sites with different "
+            f"input shapes {sorted(set(rec.in_shapes), key=str)}; a ParC block is sized for one feature size. "
+            "Unshare it or exclude it."
+        )
+    try:
+        get_block(t.block).check_source(mod, t.ctx)
+    except ParcSurgeryError as e:
+        return f"{t.name}: {e}"
+    except Exception as e:  # a block's check failing unexpectedly is still the target's problem
+        return f"{t.name}: block {t.block!r} cannot check this {kind} ({type(e).__name__}: {e})"
+    return None
+
+
+def check_plan(model: nn.Module, targets: list[PlannedTarget], probe: ProbeResult) -> None:
+    """Ask every block whether it can replace its module (:func:`target_problem`); raise one error listing all."""
+    problems = [p for p in (target_problem(model, t, probe) for t in targets) if p]
     if problems:
         raise UnsupportedTargetError(
             f"{len(problems)} of {len(targets)} selected module(s) cannot be replaced; nothing was changed:\n  - "

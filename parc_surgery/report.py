@@ -8,14 +8,13 @@ everywhere: MACs are multiply-accumulates (FLOPs / 2), batch 1, eval mode (see :
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ._atomic import atomic_target
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["Check", "Report", "TargetReport", "format_count", "format_macs", "format_params", "write_report"]
@@ -308,19 +307,9 @@ def write_report(report: Report, path: str | os.PathLike) -> Path:
     directory = path.parent
     if not directory.is_dir():
         raise CheckpointError(f"write_report: directory {str(directory)!r} does not exist; create it first")
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        with atomic_target(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     except OSError as e:
         raise CheckpointError(f"write_report: cannot write {str(path)!r}: {e}") from e
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
     return path

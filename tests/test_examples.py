@@ -98,30 +98,19 @@ def test_ddp_saved_models_reload_with_equal_accuracy(ddp_run):
 # export_onnx.py
 
 
-def test_export_onnx_converted_model_is_pure_convolution(tmp_path):
-    pytest.importorskip("onnxruntime")
+def test_export_onnx_matches_eager_in_onnxruntime(tmp_path, capsys):
     example = _import_example("export_onnx")
-    summary = example.main(
-        [
-            "--model",
-            "resnet18",
-            "--model-args",
-            '{"channels": [8, 16, 32, 64]}',
-            "--rule",
-            "resnet_parc",
-            "--input-size",
-            "32",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    for name in ("original", "converted"):
-        r = summary[name]
-        assert r["matches"] and r["max_abs_diff"] <= r["tolerance"]
-        assert r["op_counts"]["Conv"] > 0
-        assert (tmp_path / f"{name}.onnx").is_file()
-    assert summary["converted"]["pure_convolution"]
-    assert json.loads((tmp_path / "results.json").read_text())["converted"]["exporter"] in ("dynamo", "legacy")
+    argv = ["--model", "resnet18", "--model-args", '{"channels": [8, 16, 32, 64]}', "--rule", "resnet_parc",
+            "--input-size", "32", "--out", str(tmp_path), "--skip-original"]  # fmt: skip
+    summary = example.main(argv)
+    r = summary["converted"]
+    assert r["matches"] and r["max_abs_diff"] <= r["tolerance"]
+    assert r["parc_impl"] == "spatial" and r["op_counts"]["Conv"] > 0
+    assert r["pure_convolution"] and r["softmax"] == 0
+    assert (tmp_path / "converted.onnx").is_file() and "original" not in summary
+    assert json.loads((tmp_path / "results.json").read_text())["converted"] == r
+    out = capsys.readouterr().out
+    assert "| op | converted |" in out and "| Conv | " in out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -167,7 +167,7 @@ def test_read_only_directory(conv, tmp_path, monkeypatch):
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied", str(ro))
 
-        monkeypatch.setattr(pio.tempfile, "mkstemp", refuse)
+        monkeypatch.setattr("parc_surgery._atomic.tempfile.mkstemp", refuse)
     else:
         ro.chmod(0o500)
     try:

@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (registers)
     bottleneck,
     convnext,
+    generic_conv,
     generic_mixer,
     inverted_residual,
     metaformer,
