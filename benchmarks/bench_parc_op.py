@@ -148,7 +148,7 @@ HEADER = (
 def format_row(row) -> str:
     sp_ref, fft_sp, auto_min = ratios(row)
     ok = ["yes" if v else ("-" if v is None else "NO") for v in targets(row)]
-    pick = choose_impl(row["N"], channels=row["C"], grad=row["pass"] == "fwd+bwd")
+    pick = choose_impl(row["N"], axis=row["axis"], channels=row["C"], grad=row["pass"] == "fwd+bwd")
     ms = {k: row[k] * 1e3 for k in IMPLS}
     return (
         f"| {row['axis']} | {row['pass']} | {row['C']} | {row['N']} | {ms['ref']:.3f} | {ms['spatial']:.3f} | "

@@ -100,7 +100,7 @@ def _tb_tail(e: BaseException, frames: int = 4) -> str:
 def _error(e: BaseException) -> dict:
     from parc_surgery.errors import ParcSurgeryError
 
-    out = {"error": type(e).__name__, "message": _short(e), "raw": not isinstance(e, ParcSurgeryError)}
+    out = {"error": type(e).__name__, "message": _short(e, 1200), "raw": not isinstance(e, ParcSurgeryError)}
     if out["raw"]:
         out["where"] = _tb_tail(e)
     return out
@@ -162,7 +162,7 @@ def _convert_one(model, rule: str, size, *, validate: bool) -> dict:
     try:
         conv = convert(model, rule, input_size=size, validate=validate, count=False, strict=True)
     except NoMatchError as e:
-        return {"outcome": "nothing", "message": _short(e, 300), "seconds": round(time.time() - t0, 2)}
+        return {"outcome": "nothing", "message": _short(e, 1200), "seconds": round(time.time() - t0, 2)}
     except Exception as e:
         return {"outcome": "failed", **_error(e), "seconds": round(time.time() - t0, 2)}
     blocks = collections.Counter(t.block for t in conv.plan.targets)

@@ -12,7 +12,7 @@ channels, split 75/25 into train/test (stratified, fixed seed).
    ``DistributedSampler`` with the same seed, so every run sees the same data in the same order.
 4. **Evaluate** test accuracy and loss right after conversion and after fine-tuning (each rank scores its shard
    of the test set; the counts are summed).
-5. **Save** each fine-tuned conversion as safetensors (``parc_surgery.io.save_conversion``), reload it
+5. **Save** each fine-tuned conversion as safetensors (``parc_surgery.save``), reload it
    with ``parc_surgery.load`` and check that it gives bit-identical logits, hence the same accuracy.
 
 Only rank 0 prints and writes; results go to ``--out/results.json``. Runs under torchrun (gloo on
@@ -42,7 +42,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import parc_surgery
-from parc_surgery.io import save_conversion
 
 # The default model is a slim ResNet-18 (half the channels) so that a run takes minutes on a laptop CPU.
 SLIM_RESNET18 = {"channels": [32, 64, 128, 256]}
@@ -74,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def setup_distributed() -> tuple[int, int, torch.device]:
     """Join the process group: torchrun's environment when present, else a world of one (same code path)."""
-    use_cuda = torch.cuda.is_available()
+    # nccl on GPUs when every local rank gets its own; else gloo on CPU
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     backend = "nccl" if use_cuda else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend)
@@ -199,7 +199,7 @@ def evaluate(model: nn.Module, data: TensorDataset, device) -> tuple[float, floa
 
 def save_and_reload(conv, path: Path, data: TensorDataset, device, *, model_name: str, model_args: dict, seed: int):
     """Rank 0: save with safetensors, reload with ``parc_surgery.load``: same logits, same accuracy?"""
-    save_conversion(conv, path, model_name=model_name, model_args=model_args, seed=seed, force=True)
+    parc_surgery.save(conv, path, model_name=model_name, model_args=model_args, seed=seed, force=True)
     reloaded = parc_surgery.load(path, device=device)
     a, b = logits_of(conv.model, data, device), logits_of(reloaded, data, device)
     labels = data.tensors[1]

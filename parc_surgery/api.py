@@ -17,12 +17,19 @@ import torch
 from torch import nn
 
 from .blocks import CarryRecord, get_block, list_blocks
-from .errors import ConfigError, NoMatchError, ValidationError
+from .errors import (
+    ConfigError,
+    NoMatchError,
+    ParcSurgeryError,
+    TraceError,
+    UnsupportedTargetError,
+    ValidationError,
+)
 from .flops import count_macs, count_params
 from .match import TargetDiagnostic, select_targets
 from .ops import ParC
 from .plan import Plan, PlannedTarget, build_plan, check_plan, target_problem
-from .probe import ProbeResult, example_input, probe_model, trace_model
+from .probe import ProbeResult, _timm_leaves, example_input, probe_model, trace_model
 from .report import Check, Report, TargetReport
 from .rewrite import apply_plan
 from .rule import Rule, load_rule
@@ -130,6 +137,25 @@ def resolve_input_size(model: nn.Module, input_size=None, rule: Rule | None = No
         f"input_size is needed for a {type(model).__name__} (it has no timm pretrained_cfg): "
         "pass input_size=(H, W) (CLI: --input-size H W)"
     )
+
+
+@contextlib.contextmanager
+def _guard(what: str, error: type[ParcSurgeryError]):
+    """Turn an unexpected exception of one phase into ``error`` saying which phase met it (user errors pass)."""
+    try:
+        yield
+    except (ParcSurgeryError, MemoryError):
+        raise
+    except Exception as e:
+        raise error(
+            f"{what} failed: {type(e).__name__}: {e}. The input model is unchanged; this model / rule combination "
+            "is not supported (please report it with the model and rule)."
+        ) from e
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    with _guard("deep-copying the model (the engine works on a copy, never on the model itself)", ConfigError):
+        return copy.deepcopy(model)
 
 
 def _check_model(model) -> None:
@@ -283,16 +309,17 @@ def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_siz
     _check_model(model)
     r = load_rule(rule) if rule is not None else None
     size = resolve_input_size(model, input_size, r)
-    work = copy.deepcopy(model)
-    with _user_hooks_detached(work):
+    work = _copy(model)
+    with _user_hooks_detached(work), _guard("probing the model", TraceError):
         survey = _survey(work, size)
     name = get_model_name(model)
     selected, diags = None, ()
     if r is not None:
-        selections, diags = _select(r, survey, name)
-        selected = tuple(
-            build_plan(survey.work, r, survey.probe, survey.stages, selections, model_name=name, input_size=size)
-        )
+        with _guard("selecting the rule's targets", UnsupportedTargetError):
+            selections, diags = _select(r, survey, name)
+            selected = tuple(
+                build_plan(survey.work, r, survey.probe, survey.stages, selections, model_name=name, input_size=size)
+            )
     return Candidates(
         name,
         size,
@@ -353,17 +380,19 @@ def convert(
     r = load_rule(rule)
     size = resolve_input_size(model, input_size, r)
     name = model_name or get_model_name(model)
-    work = copy.deepcopy(model)  # everything happens on this copy; the user's model is never run or touched
-    with _user_hooks_detached(work):
+    work = _copy(model)  # everything happens on this copy; the user's model is never run or touched
+    with _user_hooks_detached(work), _guard("converting the model", UnsupportedTargetError):
         return _convert(
             work, r, size, name, impl=impl, init=init, seed=seed, validate=validate, count=count, strict=strict
         )
 
 
 def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) -> Conversion:
-    survey = _survey(work, size)
-    targets, _, notes = _plan(r, survey, name, impl=impl, init=init)
-    check_plan(work, targets, survey.probe)
+    with _guard("probing the model", TraceError):
+        survey = _survey(work, size)
+    with _guard("planning the conversion", UnsupportedTargetError):
+        targets, _, notes = _plan(r, survey, name, impl=impl, init=init)
+        check_plan(work, targets, survey.probe)
 
     # reference outputs and counts of the original, taken on the copy before any swap
     x2 = example_input(work, second_size(size))
@@ -375,22 +404,28 @@ def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) 
     per_target_before = {t.name: count_params(work.get_submodule(t.name)) for t in targets}
     before, why_b = _macs(work, size) if count else (None, "")
 
+    # modules that were fx leaves (timm's not-traceable modules) stay leaves once replaced
+    leaves = (*_timm_leaves()[0], *survey.leaf_types)
+    was_leaf = [t.name for t in targets if leaves and isinstance(work.get_submodule(t.name), tuple(leaves))]
+
     carry = apply_plan(work, targets, seed=seed)
+    leaf_types = tuple({*survey.leaf_types, *(type(work.get_submodule(n)) for n in was_leaf)})
 
     after, why_a = _macs(work, size, parc_impl="spatial") if count else (None, "")
     after_fft, _ = _macs(work, size, parc_impl="fft") if count else (None, "")
     checks: list[Check] = []
     if validate:
-        checks = validate_model(
-            work,
-            targets,
-            x=survey.x,
-            x2=x2,
-            ref=ref,
-            ref2=ref2,
-            original_traced=survey.traced,
-            leaf_types=survey.leaf_types,
-        )
+        with _guard("validating the converted model", ValidationError):
+            checks = validate_model(
+                work,
+                targets,
+                x=survey.x,
+                x2=x2,
+                ref=ref,
+                ref2=ref2,
+                original_traced=survey.traced,
+                leaf_types=leaf_types,
+            )
     plan = Plan(
         name, r.name, size, tuple(targets), tuple(survey.stages), survey.traced, survey.trace_note, tuple(notes)
     )

@@ -9,8 +9,8 @@ Precedence (one rule, documented once):
    one, is not selected again (the earlier target wins). When the engine passes ``accept`` (it asks the
    target's block whether it can replace the module), a module the block refuses is left to the later
    targets; if none of them takes it, it stays with its first target (so the conversion reports the
-   refusal), unless that target's block skips what it cannot replace (a generic fallback block), which
-   leaves it out with a note.
+   refusal), unless a target whose block skips what it cannot replace (a generic fallback block) selected
+   it too, which leaves it out with a note.
 3. Within a target, when a module and one of its descendants are both selected, the outermost wins.
 4. A stage selection ``fraction: f`` takes the last ``round(n * f)`` blocks (at least one) of each
    named stage; the stage's first block is left out when it changes the feature shape (the strided /
@@ -198,8 +198,9 @@ def select_targets(
                 kept.append(n)
                 selections.append(sel)
                 refused.pop(n, None)
-            elif verdict[1]:
-                skipped.append(f"{n}: {verdict[0]}")
+            elif verdict[1]:  # a lenient block's refusal is final, also for a module an earlier target refused
+                earlier = refused.pop(n, None)
+                skipped.append(f"{verdict[0]}" + (f" (and {earlier[2]})" if earlier else ""))
             else:
                 refused.setdefault(n, (sel, diag, verdict[0]))
         if skipped:

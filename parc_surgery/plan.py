@@ -84,29 +84,49 @@ def token_grid(model: nn.Module, n_tokens: int) -> tuple[tuple[int, int], int]:
     Uses timm's patch embedding ``grid_size`` where present, else the most square factorization of the
     tokens left after 0..8 prefix tokens.
     """
+    grid, prefix, _ = _token_grid(model, n_tokens)
+    return grid, prefix
+
+
+def _token_grid(model: nn.Module, n_tokens: int) -> tuple[tuple[int, int], int, bool]:
+    """:func:`token_grid` and whether the grid is the patch embedding's (else it was guessed)."""
     for m in model.modules():
         grid = getattr(m, "grid_size", None)
         if isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, int) for g in grid):
             prefix = n_tokens - grid[0] * grid[1]
             if 0 <= prefix <= 16:
-                return (int(grid[0]), int(grid[1])), prefix
+                return (int(grid[0]), int(grid[1])), prefix, True
     for prefix in range(0, 9):
         n = n_tokens - prefix
         r = math.isqrt(n)
         if n > 0 and r * r == n:
-            return (r, r), prefix
-    return (1, n_tokens), 0
+            return (r, r), prefix, False
+    return (1, n_tokens), 0, False
 
 
-def _feature_size(model: nn.Module, shape: tuple[int, ...] | None) -> tuple[tuple[int, int], dict]:
+def _feature_size(
+    model: nn.Module, shape: tuple[int, ...] | None, module: nn.Module | None = None
+) -> tuple[tuple[int, int], dict]:
     if shape is None:
         return (1, 1), {}
     if len(shape) == 4:
+        if module is not None and _channels_last(module, shape):
+            return (int(shape[1]), int(shape[2])), {}
         return (int(shape[2]), int(shape[3])), {}
     if len(shape) == 3:
-        grid, prefix = token_grid(model, int(shape[1]))
-        return grid, {"num_tokens": int(shape[1]), "num_prefix_tokens": prefix}
+        grid, prefix, patch = _token_grid(model, int(shape[1]))
+        return grid, {"num_tokens": int(shape[1]), "num_prefix_tokens": prefix, "patch_grid": patch}
     return (1, 1), {}
+
+
+def _channels_last(module: nn.Module, shape: tuple[int, ...]) -> bool:
+    """Whether a 4-D input is (B, H, W, C): the module's first projection takes ``shape[-1]`` features."""
+    from .blocks.generic_mixer import infer_layout
+
+    try:
+        return infer_layout(module, shape) == "nhwc"
+    except ParcSurgeryError:
+        return False
 
 
 def build_plan(
@@ -128,7 +148,7 @@ def build_plan(
         opts = t.options
         mod = model.get_submodule(sel.name)
         rec = probe.calls[sel.name]
-        feat, extra = _feature_size(model, rec.in_shape)
+        feat, extra = _feature_size(model, rec.in_shape, mod)
         if opts.pe == "all":
             pe = True
         elif opts.pe == "none":

@@ -16,6 +16,7 @@ trace are still handled through the recorded forward (the hooks), and the report
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -212,10 +213,13 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
         with torch.no_grad(), recorder:
             out = model(x)
     except Exception as e:  # the model's own failure at this size
-        raise TraceError(
-            f"the model fails at input shape {tuple(x.shape)}: {type(e).__name__}: {e}. "
-            "Pass an input size the model accepts (input_size=(H, W) / --input-size H W)."
-        ) from e
+        hint = (
+            "On the meta device a model that reads tensor values (.item(), a data-dependent branch) cannot run: "
+            "build it on a real device."
+            if x.device.type == "meta"
+            else "Pass an input size the model accepts (input_size=(H, W) / --input-size H W)."
+        )
+        raise TraceError(f"the model fails at input shape {tuple(x.shape)}: {type(e).__name__}: {e}. {hint}") from e
     finally:
         for h in handles:
             h.remove()
@@ -263,8 +267,26 @@ def _timm_leaves() -> tuple[list[type], list]:
         return [], []
 
 
+def _default_args(model: nn.Module) -> dict | None:
+    """The forward's optional arguments at their defaults (``mask=None``): the engine only calls ``model(x)``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    out = {
+        p.name: p.default
+        for p in params[1:]
+        if p.kind in kinds and p.default is not inspect.Parameter.empty and isinstance(p.default, (type(None), bool))
+    }
+    return out or None
+
+
 def trace_model(model: nn.Module, leaf_types: Iterable[type] = ()) -> tuple[torch.fx.GraphModule | None, str]:
     """Symbolically trace ``model`` with timm's leaf modules/functions plus ``leaf_types`` as leaves.
+
+    The forward's optional ``None`` / bool arguments are fixed at their defaults (the engine calls ``model(x)``),
+    so branches such as ``if mask is not None`` trace as they run.
 
     Returns ``(graph_module, "")`` or ``(None, reason)`` when the model does not trace.
     """
@@ -282,7 +304,7 @@ def trace_model(model: nn.Module, leaf_types: Iterable[type] = ()) -> tuple[torc
 
     try:
         tracer = _Tracer()
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_default_args(model))
         name = type(model).__name__
         return torch.fx.GraphModule(tracer.root, graph, name), ""
     except Exception as e:

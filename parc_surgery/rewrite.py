@@ -2,7 +2,8 @@
 
 Works on the model it is given (the engine always passes its own deep copy, never the user's model).
 New weights are drawn from a seeded generator, so the same model, rule and seed give bit-identical
-converted weights.
+converted weights. A block that fails to build from its module raises :class:`UnsupportedTargetError`
+naming the module (the engine's copy is then discarded).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from .blocks import CarryRecord, get_block
+from .errors import UnsupportedTargetError
 from .plan import PlannedTarget
 
 __all__ = ["apply_plan"]
@@ -23,7 +25,13 @@ def apply_plan(model: nn.Module, targets: list[PlannedTarget] | tuple, *, seed: 
         torch.manual_seed(seed)
         for t in targets:
             src = model.get_submodule(t.name)
-            block, record = get_block(t.block).from_module(src, t.ctx)
+            try:
+                block, record = get_block(t.block).from_module(src, t.ctx)
+            except Exception as e:  # a block meeting a module it did not expect: name both
+                raise UnsupportedTargetError(
+                    f"{t.name} ({t.source_type}): block {t.block!r} could not be built from it: "
+                    f"{type(e).__name__}: {e}. Exclude the module from the rule."
+                ) from e
             block.train(src.training)
             built.append((t, block, record))
     by_cls: dict[type, list[tuple[str, nn.Module]]] = {}
@@ -34,5 +42,11 @@ def apply_plan(model: nn.Module, targets: list[PlannedTarget] | tuple, *, seed: 
     for cls, placements in by_cls.items():
         attach = getattr(cls, "attach", None)
         if callable(attach):
-            attach(model, placements)
+            try:
+                attach(model, placements)
+            except Exception as e:
+                raise UnsupportedTargetError(
+                    f"{cls.__qualname__}.attach could not connect {len(placements)} block(s) "
+                    f"({', '.join(n for n, _ in placements[:3])}) to the model: {type(e).__name__}: {e}"
+                ) from e
     return {t.name: rec for t, _, rec in built}

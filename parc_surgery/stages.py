@@ -2,7 +2,9 @@
 
 A *block container* is a plain ``nn.Sequential`` / ``nn.ModuleList`` / ``nn.ModuleDict`` whose children
 are composite modules (modules with submodules of their own; subclasses of Sequential such as
-torchvision's ``Conv2dNormActivation`` count as blocks, not containers). A *stage* is a run of
+torchvision's ``Conv2dNormActivation`` count as blocks, not containers), or a stage module of its own class
+(timm's ``RegStage``) whose >= 2 children are composite modules of one class that the probe saw run one
+after the other, each feeding the next. A *stage* is a run of
 consecutive called blocks of one container with one feature shape: a container whose blocks change
 resolution or width midway (torchvision's ``mobilenet_v2().features``) is split there, and the block
 that changes the shape is the first of the stage it outputs into. A container whose children all hold
@@ -14,6 +16,7 @@ attached where a stage's container is named there.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from torch import nn
@@ -70,6 +73,24 @@ def _is_block_container(m: nn.Module) -> bool:
     return _is_container(m) and bool(children) and all(_is_block(c) for c in children)
 
 
+def _is_custom_stage(m: nn.Module, probe: ProbeResult, prefix: str) -> bool:
+    """A stage module of its own class (timm's ``RegStage``): >= 2 composite children of one class, holding no
+    block container, run one after the other in registration order, each feeding the next its output shape."""
+    children = list(m.named_children())
+    if _is_container(m) or len(children) < 2 or len({type(c) for _, c in children}) != 1:
+        return False
+    if not all(_is_block(c) for _, c in children) or any(_has_block_container(c) for _, c in children):
+        return False
+    recs = [probe.calls.get(prefix + n) for n, _ in children]
+    if any(r is None or r.calls != 1 for r in recs):
+        return False
+    return all(a.order < b.order and a.out_shape == b.in_shape for a, b in itertools.pairwise(recs))
+
+
+def _has_block_container(m: nn.Module) -> bool:
+    return any(_is_block_container(d) for d in m.modules())
+
+
 def _has_nested_container(m: nn.Module) -> bool:
     return any(_is_block_container(d) for d in m.modules() if d is not m)
 
@@ -79,16 +100,15 @@ def find_stages(model: nn.Module, probe: ProbeResult) -> list[Stage]:
     runs: list[tuple[int, str, list[str]]] = []
     containers = []
     for cname, cont in model.named_modules():
-        if not _is_block_container(cont):
+        prefix = f"{cname}." if cname else ""
+        if not (_is_block_container(cont) or _is_custom_stage(cont, probe, prefix)):
             continue
         children = list(cont.named_children())
         if all(_has_nested_container(c) for _, c in children):
             continue  # its children are stage wrappers (e.g. ConvNeXtStage), not blocks
         if any(cname.startswith(f"{b}.") for outer in containers for b in outer):
             continue  # nested inside a block of an outer stage (e.g. MobileViT's transformer)
-        prefix = f"{cname}." if cname else ""
         containers.append([prefix + n for n, _ in children])
-        prefix = f"{cname}." if cname else ""
         called = [(probe.calls[prefix + n].order, prefix + n) for n, _ in children if probe.called(prefix + n)]
         if not called:
             continue

@@ -20,7 +20,6 @@ import torch
 
 import parc_surgery
 from parc_surgery.blocks import is_block
-from parc_surgery.io import load
 from parc_surgery.ops import ParC
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -76,9 +75,10 @@ def test_ddp_runs_two_ranks_and_compares_both_inits(ddp_run):
     for init in ("warm_start", "reference"):
         r = rows[init]
         assert 0.0 <= r["acc_converted"] <= 1.0 and 0.0 <= r["acc_finetuned"] <= 1.0
+        assert 0.0 < r["loss_converted"] < 100 and 0.0 < r["loss_finetuned"] < 100
         assert r["targets"] == ["layer3.1", "layer4.1"]  # resnet_parc on resnet18
     # only rank 0 prints: the table appears once
-    assert stdout.count("| model | test acc. after conversion") == 1
+    assert stdout.count("| model | test acc. (loss) after conversion") == 1
     assert stdout.count("world size 2") == 1
 
 
@@ -90,7 +90,7 @@ def test_ddp_saved_models_reload_with_equal_accuracy(ddp_run):
         assert reload["acc_reloaded"] == reload["acc_in_memory"]
         assert reload["max_abs_logit_diff"] == 0.0
         # the file is a real parc-surgery safetensors file: reload it here too
-        model = load(out / f"resnet18_{init}.safetensors")
+        model = parc_surgery.load(out / f"resnet18_{init}.safetensors")
         assert sum(isinstance(m, ParC) for m in model.modules()) == 4  # 2 blocks x (height, width)
 
 

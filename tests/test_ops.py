@@ -99,7 +99,7 @@ def test_matches_reference(impl, axis, n, dense):
 @pytest.mark.parametrize("axis", ["height", "width"])
 def test_no_grad_eval_and_channels_last_paths(axis, impl):
     # the inference code paths (in-place adds, per-image GEMMs for long lines, the cache) and strided inputs
-    for n in (7, 8, 9, 47, 48, 56):
+    for n in (7, 8, 9, 31, 32, 56):
         for pe, bias in ((True, True), (False, True), (False, False)):
             m = make(2, 6, axis, pe=pe, bias=bias, impl=impl, dtype=torch.float32, seed=n)
             x = torch.randn(3, 2, n, 5) if axis == "height" else torch.randn(3, 2, 5, n)
@@ -342,12 +342,14 @@ def test_bad_impl_or_axis_at_call_time():
 
 # ----- dtypes and impl choice -----
 def test_choose_impl_uses_measured_crossover():
-    assert choose_impl(FFT_MIN_LENGTH) == "fft"
-    assert choose_impl(FFT_MIN_LENGTH - 1) == "spatial"
+    for (axis, grad), n in FFT_MIN_LENGTH.items():
+        assert choose_impl(n, axis=axis, grad=grad) == "fft"
+        assert choose_impl(n - 1, axis=axis, grad=grad) == "spatial"
     assert choose_impl(FFT_MIN_LENGTH_DENSE, dense=True) == "fft"
     assert choose_impl(FFT_MIN_LENGTH_DENSE - 1, dense=True) == "spatial"
     for dt in (torch.bfloat16, torch.float16):
         assert choose_impl(10_000, dtype=dt) == "spatial"
+        assert choose_impl(10_000, dtype=dt, dense=True) == "spatial"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -365,15 +367,24 @@ def test_half_precision_inputs(impl, dtype):
     assert (m_half(x.to(dtype)).float() - m32(x)).abs().max() < 2 * tol
 
 
-def test_auto_picks_per_call():
+@pytest.mark.parametrize("grad", [False, True])
+def test_auto_picks_per_call(grad):
     m = make(2, 8, "width", impl="auto", dtype=torch.float32)
-    for n in (FFT_MIN_LENGTH - 1, FFT_MIN_LENGTH):
-        x = torch.randn(1, 2, 3, n)
-        chosen = choose_impl(n)
-        m.impl = chosen
-        y_chosen = m(x)
-        m.impl = "auto"
-        assert torch.equal(m(x), y_chosen)
+    threshold = FFT_MIN_LENGTH[("width", grad)]
+    with torch.set_grad_enabled(grad):
+        for n in (threshold - 1, threshold):
+            x = torch.randn(1, 2, 3, n)
+            m.impl = choose_impl(n, axis="width", grad=grad)
+            y_chosen = m(x)
+            m.impl = "auto"
+            assert torch.equal(m(x), y_chosen)
+    m.impl = "auto"
+    d = make(2, 8, "height", impl="auto", dense=True, dtype=torch.float32)
+    x = torch.randn(1, 2, FFT_MIN_LENGTH_DENSE, 3)
+    d.impl = "fft"
+    y_fft = d(x)
+    d.impl = "auto"
+    assert torch.equal(d(x), y_fft)
 
 
 # ----- eval-mode cache -----

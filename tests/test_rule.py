@@ -122,8 +122,10 @@ def test_bundled_rule_contents():
     assert t.block == "parc_token_mixer" and t.select.attention
     assert t.select.types == ("timm.models.vision_transformer.Attention",)
 
-    (t,) = load_rule("attention2parc").targets
-    assert t.select == Selector(attention=True) and t.block == "parc_token_mixer"
+    plain, generic = load_rule("attention2parc").targets
+    assert plain.block == "parc_token_mixer" and plain.select.attention and plain.select.exact
+    assert plain.select.types == ("timm.layers.attention.Attention",)
+    assert generic.select == Selector(attention=True) and generic.block == "parc_mixer"
 
     conv = load_rule("convstage2parc")
     assert [t.block for t in conv.targets] == [
@@ -131,6 +133,7 @@ def test_bundled_rule_contents():
         "parc_basic_block",
         "parc_inverted_residual",
         "parc_convnext",
+        "parc_conv",
     ]
     assert all(t.select.stages == deep for t in conv.targets)
 

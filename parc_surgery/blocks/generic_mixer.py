@@ -11,7 +11,9 @@ the projections it can recognise by name. Three layouts are supported:
 * ``nhwc``: ``(B, H, W, C) -> (B, H, W, C')`` (channels-last attention, e.g. MaxViT's ``AttentionCl``).
 
 Attention that changes the token count (pooling, class / cross attention) is no token mixer and is
-refused; the probe does not select it in the first place.
+refused; the probe does not select it in the first place. The block is a lenient fallback
+(``skip_unsupported``): selected modules it cannot replace (e.g. an attention returning a tuple) are left
+out of the conversion with a note instead of failing it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..errors import UnsupportedTargetError
+from ..errors import ConfigError, UnsupportedTargetError
 from ..ops import ParC
 from ._carry import CarryBuilder, CarryRecord
 from ._registry import BlockContext, register_block
@@ -171,8 +173,8 @@ def _grid(
         return num_prefix, hint[0], hint[1]
     try:
         h, w = factor_grid(m, base_grid)
-    except Exception as e:  # a prime token count on a 2-D base grid
-        raise UnsupportedTargetError(str(e).replace("ParCTokenMixer", "ParCMixer")) from None
+    except ConfigError:  # a prime token count on a 2-D base grid: mix the tokens as one line, in order
+        h, w = 1, m
     return num_prefix, h, w
 
 
@@ -219,14 +221,16 @@ class ParCMixer(nn.Module):
     **The grid.** ``nchw`` / ``nhwc`` inputs carry it. For ``tokens`` it is, in order: a (H, W) the caller
     passes along (a pair of ints, or two int arguments, as PVT / Twins attention receive), the base grid when
     the patch count matches, else the factorisation of the patch count closest to the base grid's aspect
-    (:func:`~parc_surgery.blocks.vit_mixer.factor_grid`). Windowed attention (Swin) receives one window
-    per batch row, so the ParCs are circular within each window. Any further arguments of the replaced
-    module (masks, relative positions, ...) are accepted and ignored: ParC mixes the whole grid it is given.
+    (:func:`~parc_surgery.blocks.vit_mixer.factor_grid`), else (a prime count) one 1 x M line of tokens.
+    Windowed attention (Swin) receives one window per batch row, so the ParCs are circular within each
+    window. Any further arguments of the replaced module (masks, relative positions, ...) are accepted and
+    ignored: ParC mixes the whole grid it is given.
 
     Kernels and PEs are stored at ``kernel_hw`` and resized to the actual grid at every call.
     """
 
     replaces = ()  # selected by detected attention (``select: attention: true``), not by class
+    skip_unsupported = True  # a generic fallback: what it cannot replace is left out with a note
 
     def __init__(
         self,

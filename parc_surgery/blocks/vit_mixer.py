@@ -236,6 +236,11 @@ class ParCTokenMixer(nn.Module):
                 f"parc_token_mixer replaces timm.layers.Attention (plain ViT / DeiT self-attention), not "
                 f"{type(module).__module__}.{type(module).__name__}"
             )
+        if ctx.options.get("patch_grid") is False:  # the engine found no patch embedding grid for these tokens
+            raise UnsupportedTargetError(
+                "parc_token_mixer: the tokens are not on the model's patch-embedding grid (pooled / hierarchical / "
+                "unfolded tokens), which it records its grid from; use parc_mixer"
+            )
         if module.attn_dim % 2:
             raise UnsupportedTargetError(
                 f"parc_token_mixer: attention width {module.attn_dim} is odd; ParC mixing splits it into two halves"

@@ -28,15 +28,30 @@ from .functional import AXES, IMPLS, Axis, Impl, apply_kernel, check_input, prep
 
 __all__ = ["FFT_MIN_LENGTH", "FFT_MIN_LENGTH_DENSE", "ParC", "choose_impl"]
 
-# Crossovers for impl="auto": the FFT path is used from this axis length up (CPU, float32/64).
-# PLACEHOLDER, replaced by the measurement below.
-FFT_MIN_LENGTH = 96
+# Crossovers for impl="auto": the FFT path is used from these axis lengths up (float32/64).
+# Measured with benchmarks/bench_parc_op.py --crossover on a 2-vCPU Xeon (Sapphire Rapids, AVX-512,
+# torch 2.14 + MKL), 2 threads, batch 8, interleaved rounds, median process CPU time (the machine was shared):
+#   depthwise, forward:  width  FFT/spatial 0.99-1.05 at N=112..224 (C=64/256), 0.84-0.99 at 256, 0.58-0.74 at 448+;
+#                        height 1.36 at 256, 1.11 at 384-448, 1.02 at 512, 0.90 at 640 (C=16; the strided H
+#                        transform is ~1.5x slower than the contiguous W one);
+#   depthwise, fwd+bwd:  width 1.28-1.87 up to 256, 1.01 at 448, 0.91 at 512; height 1.25-1.85 up to 640;
+#   dense (both passes): 1.4-2.4 at N <= 7, 0.96-1.15 at N=10..14 (C=64), 0.74-0.88 at N=14 (C=128/256),
+#                        0.36-0.56 at N=28 (C=128/256).
+# With the spatial path as circulant GEMMs, depthwise FFT only pays off for very long lines on CPU; the
+# FFT wins early for dense kernels (a per-frequency channel matmul instead of an N-tap dense conv).
+FFT_MIN_LENGTH: dict[tuple[str, bool], int] = {  # depthwise: (axis, grad) -> length
+    ("width", False): 256,
+    ("height", False): 512,
+    ("width", True): 512,
+    ("height", True): 768,
+}
 FFT_MIN_LENGTH_DENSE = 14
 
 
 def choose_impl(
     n: int,
     *,
+    axis: str = "height",
     channels: int | None = None,
     dense: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -44,19 +59,21 @@ def choose_impl(
 ) -> str:
     """Pick ``"spatial"`` or ``"fft"`` for an axis of length ``n`` from the measured crossovers.
 
+    ``grad``: whether the call records a graph for backward (the FFT backward is relatively slower).
     Half-precision inputs always get ``spatial`` (CPU FFTs need float32/64; the FFT path would upcast).
-    ``channels`` is accepted for future rules; the measured crossover does not depend on it.
+    ``channels`` is accepted for future rules; the measured crossovers barely depend on it.
     """
     if dtype not in (torch.float32, torch.float64):
         return "spatial"
-    return "fft" if n >= (FFT_MIN_LENGTH_DENSE if dense else FFT_MIN_LENGTH) else "spatial"
+    threshold = FFT_MIN_LENGTH_DENSE if dense else FFT_MIN_LENGTH[(axis, bool(grad))]
+    return "fft" if n >= threshold else "spatial"
 
 
 def _resolve_impl(impl: str, x: torch.Tensor, weight: torch.Tensor, axis: str, dense: bool) -> str:
     if impl == "auto":
         n = x.shape[2] if axis == "height" else x.shape[3]
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        return choose_impl(n, channels=weight.shape[0], dense=dense, dtype=x.dtype, grad=grad)
+        return choose_impl(n, axis=axis, channels=weight.shape[0], dense=dense, dtype=x.dtype, grad=grad)
     if impl not in ("spatial", "fft"):
         raise ConfigError(f"ParC: impl must be one of {IMPLS}, got {impl!r}")
     return impl
