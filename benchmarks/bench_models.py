@@ -150,7 +150,7 @@ def compile_variant(model: nn.Module, x: torch.Tensor, impl: str | None) -> tupl
 
 
 def onnx_variant(model: nn.Module, x: torch.Tensor, threads: int, tmpdir: str, tag: str):
-    """Export ``model`` at ``x``'s shape (ParC on ``spatial``) and return an onnxruntime call and the exporter."""
+    """Export ``model`` at ``x``'s shape (ParC on ``spatial``); returns an onnxruntime call and a note (exporter)."""
     import onnxruntime as ort
 
     set_impl(model, "spatial")
@@ -179,7 +179,8 @@ def onnx_variant(model: nn.Module, x: torch.Tensor, threads: int, tmpdir: str, t
             err = float((y - ref).abs().max()) / max(1.0, float(ref.abs().max()))
             if not err <= 1e-3:
                 raise RuntimeError(f"onnxruntime output differs from eager by {err:.1e}")
-            return (lambda: None, lambda: sess.run(None, feed)), ("dynamo" if dynamo else "legacy")
+            note = ("dynamo" if dynamo else "legacy") + " exporter" + (f" ({why[0]})" if why else "")
+            return (lambda: None, lambda sess=sess, feed=feed: sess.run(None, feed)), note
         except Exception as e:  # try the other exporter
             why.append(f"{'dynamo' if dynamo else 'legacy'}: {_short(e)}")
     raise RuntimeError("; ".join(why))
@@ -241,23 +242,22 @@ def bench_pair(pair: Pair, batches, args) -> list[Row]:
     try:
         for b in batches:
             x = torch.randn(b, 3, pair.size, pair.size, generator=torch.Generator().manual_seed(0))
+            variants = eager_variants(orig, conv, x)
+            notes: dict[str, str] = {}
+            failed: dict[str, str] = {}
+            if not args.no_onnx:  # exported outside inference mode (the exporters trace with autograd tensors)
+                for tag, model in (("orig onnxruntime", orig), ("parc onnxruntime spatial", conv)):
+                    try:
+                        variants[tag], notes[tag] = onnx_variant(model, x, args.threads, tmp.name, tag.split()[0])
+                    except Exception as e:
+                        failed[tag] = _short(e)
+                    set_impl(conv, "auto")
             with torch.inference_mode():
-                variants = eager_variants(orig, conv, x)
-                notes: dict[str, str] = {}
-                failed: dict[str, str] = {}
                 if not args.no_compile:
                     for tag, model, impl in (("orig compile", orig, None), ("parc compile auto", conv, "auto")):
                         try:
                             variants[tag], dt = compile_variant(model, x, impl)
                             notes[tag] = f"compiled in {dt:.0f} s"
-                        except Exception as e:
-                            failed[tag] = _short(e)
-                        set_impl(conv, "auto")
-                if not args.no_onnx:
-                    for tag, model in (("orig onnxruntime", orig), ("parc onnxruntime spatial", conv)):
-                        try:
-                            variants[tag], exporter = onnx_variant(model, x, args.threads, tmp.name, tag.split()[0])
-                            notes[tag] = f"{exporter} exporter"
                         except Exception as e:
                             failed[tag] = _short(e)
                         set_impl(conv, "auto")
@@ -285,7 +285,8 @@ def _stat(r: Row, stat: str) -> float | None:
 
 def _baseline(rows: list[Row], r: Row) -> Row | None:
     kind = "eager" if "eager" in r.variant else "compile" if "compile" in r.variant else "onnxruntime"
-    return next((o for o in rows if o.is_orig and kind in o.variant and o.batch == r.batch), None)
+    same = (o for o in rows if o.pair.key == r.pair.key and o.batch == r.batch)
+    return next((o for o in same if o.is_orig and kind in o.variant), None)
 
 
 def print_table(rows: list[Row], stat: str) -> None:

@@ -161,12 +161,14 @@ def summary(rows) -> str:
     lines = []
     names = ("spatial <= 1.05 x ref", "FFT >= 1.7x faster than spatial (fwd passes, N >= 56)", "auto <= 1.10 x min")
     for i, name in enumerate(names):
-        vals = [targets(r)[i] for r in rows if targets(r)[i] is not None]
-        worst = [ratios(r)[i] for r in rows if targets(r)[i] is not None]
-        if not vals:
-            continue
-        agg = max(worst) if i != 1 else min(worst)
-        lines.append(f"{name}: {sum(vals)}/{len(vals)} cells; worst ratio {agg:.2f}")
+        cells = [r for r in rows if targets(r)[i] is not None]
+        if cells:
+            held = sum(bool(targets(r)[i]) for r in cells)
+            worst = max(ratios(r)[i] for r in cells)
+            lines.append(f"{name}: {held}/{len(cells)} cells; worst ratio {worst:.2f}")
+    big = [r["fft"] / r["ref"] for r in rows if r["pass"] != "fwd+bwd" and r["N"] >= 56]
+    if big:
+        lines.append(f"FFT / ref (fwd passes, N >= 56): {min(big):.2f} .. {max(big):.2f}")
     return "\n".join(lines)
 
 

@@ -26,6 +26,8 @@ Usage:
   python benchmarks/zoo_sweep.py --sample 100          # ~100 architectures spread over the families
   python benchmarks/zoo_sweep.py --pattern 'vit_*' --limit 20 --timeout 120 --jobs 2
   python benchmarks/zoo_sweep.py --resume              # skip the architectures already in the JSON
+  python benchmarks/zoo_sweep.py --rerun --pattern 'mvit*'   # redo some, keep the other records
+  python benchmarks/zoo_sweep.py --rerun --status failed     # redo the failures (after a fix)
   python benchmarks/zoo_sweep.py --report              # rewrite the markdown from the JSON only
 """
 
@@ -512,6 +514,29 @@ def write_markdown(data: dict, path: str) -> None:
         for k, c in reasons.most_common():
             lines.append(f"| {c} | {k.replace('|', '/')} | {example[k]} |")
         lines.append("")
+    blocks = collections.Counter()
+    for rec in results.values():
+        ok = [r for r in rec.get("rules", {}).values() if r.get("outcome") == "validated"]
+        blocks.update({b for r in ok for b in r.get("blocks", {})})
+    if blocks:
+        lines.append("## Blocks used by the converted architectures")
+        lines.append("")
+        lines.append("| block | architectures |")
+        lines.append("|---|---:|")
+        for b, c in blocks.most_common():
+            lines.append(f"| {b} | {c} |")
+        lines.append("")
+    missed = sorted(n for n, r in results.items() if r.get("supported") and r["status"] == "nothing")
+    if missed:
+        lines.append("## Supported blocks, nothing converted")
+        lines.append("")
+        lines.append(
+            "Architectures with a supported block where both rules selected nothing replaceable "
+            "(e.g. every such block is the strided first block of its stage, or lies outside the deep stages):"
+        )
+        lines.append("")
+        lines.append(", ".join(f"`{n}`" for n in missed))
+        lines.append("")
     lines.append("## Per family")
     lines.append("")
     lines.append("Family: the name's prefix before the first `_` or digit.")
@@ -533,7 +558,7 @@ def write_markdown(data: dict, path: str) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--limit", type=int, default=None, help="at most N architectures (after --pattern / --sample)")
+    p.add_argument("--limit", type=int, default=None, help="at most N architectures (after the other filters)")
     p.add_argument("--pattern", default="*", help="shell glob over timm.list_models() names")
     p.add_argument("--sample", type=int, default=None, help="N architectures spread over the families")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per architecture")
@@ -541,6 +566,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--max-params", type=float, default=60.0, help="millions of parameters up to which to validate")
     p.add_argument("--resume", action="store_true", help="skip the architectures already in the JSON")
+    p.add_argument("--rerun", action="store_true", help="run the selected architectures again, keeping the others")
+    p.add_argument("--status", action="append", choices=STATUSES, help="with --rerun: only records with this status")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown from the JSON")
     p.add_argument("--json", default=DEFAULT_JSON)
     p.add_argument("--md", default=DEFAULT_MD)
@@ -554,7 +581,8 @@ def main(argv=None) -> None:
     import timm
     import torch
 
-    data = _load(args.json) if (args.resume or args.report) else {"commands": [], "results": {}}
+    keep = args.resume or args.report or args.rerun
+    data = _load(args.json) if keep else {"commands": [], "results": {}}
     if args.report:
         write_markdown(data, args.md)
         return
@@ -562,10 +590,12 @@ def main(argv=None) -> None:
     names = [n for n in all_names if fnmatch.fnmatchcase(n, args.pattern)]
     if args.sample:
         names = spread_sample(names, args.sample)
-    if args.limit is not None:
-        names = names[: args.limit]
     if args.resume:
         names = [n for n in names if n not in data["results"]]
+    if args.rerun and args.status:
+        names = [n for n in names if data["results"].get(n, {}).get("status") in args.status]
+    if args.limit is not None:  # after --resume: a sweep in pieces takes the next N
+        names = names[: args.limit]
     argv_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     command = f"python benchmarks/zoo_sweep.py {argv_text}".strip()
     data["commands"] = [*data.get("commands", []), command]

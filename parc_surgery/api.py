@@ -66,6 +66,7 @@ class Candidates:
     trace_note: str
     selected: tuple[PlannedTarget, ...] | None = None
     diagnostics: tuple[TargetDiagnostic, ...] = ()
+    other_attention: tuple[str, ...] = ()  # attention that is no token mixer (pooling, class attention)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +77,7 @@ class Candidates:
             "stages": [s.to_dict() for s in self.stages],
             "blocks": [{"name": n, "type": t, "replaceable_by": list(b)} for n, t, b in self.blocks],
             "attention": list(self.attention),
+            "other_attention": list(self.other_attention),
             "selected": None if self.selected is None else [t.to_dict() for t in self.selected],
             "diagnostics": [d.describe() for d in self.diagnostics],
         }
@@ -92,6 +94,9 @@ class Candidates:
         lines.append(f"attention token mixers: {len(self.attention)}")
         for n in self.attention:
             lines.append(f"  {n}")
+        if self.other_attention:
+            lines.append(f"other attention (fewer tokens out than in: not token mixers): {len(self.other_attention)}")
+            lines.extend(f"  {n}" for n in self.other_attention)
         if self.selected is not None:
             lines.append(f"selected by the rule: {len(self.selected)}")
             for t in self.selected:
@@ -330,6 +335,7 @@ def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_siz
         survey.trace_note,
         selected,
         tuple(diags),
+        survey.probe.other_attention,
     )
 
 

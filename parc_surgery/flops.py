@@ -25,6 +25,11 @@ CPU fused-attention kernel, so this module adds (FLOPs, real-valued):
   ``2*B*L*E^2``.
 * ``mv``, ``addmv``, ``dot``, ``vdot``: ``2 * m * n`` / ``2 * n``; ``addbmm``: as ``bmm``.
 
+ParC layers are counted in the papers' formulation: the position embedding is added to the input
+(:func:`parc_surgery.ops.functional.unfolded_pe`), not folded into a per-size output offset as the
+runtime does (that preparation runs once per input size and is cached in eval). Kernel resizing is
+weight preparation too and is not counted.
+
 Every executed op is recorded; an op that looks like real work (matmul, conv, FFT, attention,
 linear algebra, recurrent layers, ...) but has no formula is listed in ``MacCount.uncounted``
 instead of silently counting 0.
@@ -45,7 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ConfigError, NoMatchError, TraceError
-from .ops.functional import IMPLS
+from .ops.functional import IMPLS, unfolded_pe
 from .ops.parc import ParC
 
 __all__ = ["MacCount", "count_macs", "count_params", "fft_flops", "infer_in_chans", "is_compute_op"]
@@ -448,7 +453,7 @@ def count_macs(
     counter = FlopCounterMode(display=False, custom_mapping=_FORMULAS)
     with _counting_state(model, parc_impl):
         try:
-            with recorder, counter, torch.no_grad(), _swapped(swaps):
+            with recorder, counter, torch.no_grad(), _swapped(swaps), unfolded_pe():
                 model(x)
         except (ConfigError, NoMatchError):
             raise

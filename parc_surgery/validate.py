@@ -5,13 +5,19 @@
   does not run there, e.g. a fixed-size ViT);
 * ``finite``: outputs are finite at both sizes;
 * ``target_shapes``: every replaced module's input/output shapes equal those of the module it replaced;
-* ``spatial_vs_fft``: the model output with every ParC on ``spatial`` and on ``fft`` agree to 1e-4
-  (relative to the output's largest magnitude; 4 ulps for float16 / bfloat16 models);
+* ``spatial_vs_fft``: every ParC layer's output on ``spatial`` and on ``fft`` agree to 1e-4 on the input
+  it received in the model (relative to the output's largest magnitude; 4 ulps for float16 / bfloat16
+  models), and the model runs with every ParC on ``fft``. Judged per layer: a deep network at random init
+  amplifies float32 rounding (EfficientNetV2 at 128 px: layers agree to 2e-7, outputs to 1.5e-2); the whole
+  model's difference is reported alongside;
 * ``traced_vs_eager``: where the original traced with torch.fx, the converted model traces too (in eval
   mode, as Python branches on ``self.training`` are fixed at trace time) and its traced output equals the
   eager one.
 
 All forwards run in eval mode without grad; training flags and ParC impls are restored afterwards.
+The forward at the input size runs every ParC on ``spatial`` and is the spatial side of ``spatial_vs_fft``
+and the eager side of ``traced_vs_eager`` (so the converted model runs 3 forwards there, not 4); the
+non-square forward runs each ParC's own impl.
 On the meta device only the shape checks run (the numeric ones are recorded as n/a).
 """
 
@@ -82,6 +88,23 @@ def _tol(rtol: float, dtype: torch.dtype) -> float:
     return max(rtol, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else rtol
 
 
+def _layer_agreement(inputs: list[tuple[ParC, torch.Tensor]]) -> float:
+    """Largest relative difference of any ParC layer's ``spatial`` and ``fft`` outputs on its recorded input."""
+    worst = 0.0
+    with torch.no_grad():
+        for m, a in inputs:
+            old = m.impl
+            try:
+                m.impl = "spatial"
+                ys = m(a)
+                m.impl = "fft"
+                yf = m(a)
+            finally:
+                m.impl = old
+            worst = max(worst, _rel(ys, yf))
+    return worst
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = float(a.abs().max()) or 1.0
     return float((a.double() - b.double()).abs().max()) / scale
@@ -112,9 +135,18 @@ def validate_model(
             seen.setdefault(_name, []).append((tuple(a.shape) if a is not None else None, tuple(o.shape)))
 
         handles.append(mod.register_forward_hook(hook))
+    parc_inputs: list[tuple[ParC, torch.Tensor]] = []  # each ParC's input in the first forward (the first call)
+    if not meta:
+        for mod in {id(m): m for m in new.modules() if isinstance(m, ParC)}.values():
+
+            def record(m, args, _inputs=parc_inputs):
+                if args and isinstance(args[0], torch.Tensor) and all(m is not p for p, _ in _inputs):
+                    _inputs.append((m, args[0].detach()))
+
+            handles.append(mod.register_forward_pre_hook(record))
     try:
-        try:
-            with _eval(new):
+        try:  # every ParC on ``spatial``: this forward is also the spatial side of ``spatial_vs_fft``
+            with _eval(new), _impl(new, "spatial"):
                 y = _first_tensor(new(x))
             err = ""
         except Exception as e:
@@ -166,24 +198,33 @@ def validate_model(
     if y is None or not any(isinstance(m, ParC) for m in new.modules()):
         checks.append(Check("spatial_vs_fft", y is not None, "n/a: no ParC layers"))
     else:
-        with _impl(new, "spatial"):
-            ys = eval_forward(new, x)
+        ys = y  # the first forward ran every ParC on spatial
         with _impl(new, "fft"):
             yf = eval_forward(new, x)
         if ys is None or yf is None:
             checks.append(Check("spatial_vs_fft", False, "a forward failed with one of the impls"))
         else:
-            r, tol = _rel(ys, yf), _tol(RTOL_IMPL, ys.dtype)
-            checks.append(Check("spatial_vs_fft", r <= tol, f"max relative difference {r:.2e} (<= {tol:g})"))
+            r_layer, tol = _layer_agreement(parc_inputs), _tol(RTOL_IMPL, ys.dtype)
+            checks.append(
+                Check(
+                    "spatial_vs_fft",
+                    r_layer <= tol,
+                    f"max relative difference per ParC layer {r_layer:.2e} over {len(parc_inputs)} layer(s) "
+                    f"(<= {tol:g}); whole model output {_rel(ys, yf):.2e}",
+                )
+            )
     if not original_traced:
         checks.append(Check("traced_vs_eager", True, "n/a: the original model does not trace with torch.fx"))
     else:
-        with _eval(new):  # traced in eval mode: branches on ``self.training`` are baked into the graph
+        # traced in eval mode (branches on ``self.training`` are baked into the graph) and, like ``y``, with
+        # every ParC on spatial (an impl a module's forward reads while tracing would be baked in too)
+        with _eval(new), _impl(new, "spatial"):
             gm, why = trace_model(new, leaf_types)
         if gm is None:
             checks.append(Check("traced_vs_eager", False, f"the converted model does not trace: {why}"))
         else:
-            yt = eval_forward(gm, x)
+            with _impl(new, "spatial"):
+                yt = eval_forward(gm, x)
             if yt is None or y is None:
                 checks.append(Check("traced_vs_eager", False, "the traced converted model fails to run"))
             else:

@@ -130,7 +130,7 @@ def test_odd_channel_counts_are_explained():
 # Sizes, batch, dtypes
 
 
-@SETTINGS
+@settings(max_examples=6, deadline=None)
 @given(h=st.integers(1, 24), w=st.integers(1, 24))
 def test_any_input_size_converts_or_explains(h, w):
     res = _passes_or_explains(DictStageNet, LAST, input_size=(h, w), count=False)

@@ -292,7 +292,8 @@ def test_parcnet_spatial_equals_fft_and_fx(xxs):
         for x in (inputs["stages.2.1"], torch.randn(1, 48, 20, 12)):
             ya = a(x)
             torch.testing.assert_close(b(x), ya, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(gm(x), ya, atol=0, rtol=0)
+            # eager eval runs the folded fast path (blocks/_metaformer_eval.py), the graph the reference ops
+            torch.testing.assert_close(gm(x), ya, atol=1e-5, rtol=1e-5)
 
 
 def test_parcnet_widths_pe_and_init_options(xxs):

@@ -178,7 +178,7 @@ def test_bad_arguments_are_config_errors(toy):
         ps.convert(toy, LAST_HALF)  # a plain nn.Module has no pretrained_cfg
     with pytest.raises(ps.ConfigError, match="impl"):
         ps.convert(toy, LAST_HALF, input_size=32, impl="fast")
-    with pytest.raises(ps.ConfigError, match="nn.Module"):
+    with pytest.raises(ps.ConfigError, match=r"nn\.Module"):
         ps.convert("resnet50", LAST_HALF)
 
 

@@ -67,7 +67,7 @@ def test_input_untouched_and_outside_weights_identical(case):
 
 
 def test_user_class_api_keeps_working(case):
-    name, model, _, conv, _, size = case
+    _, model, _, conv, _, size = case
     new = copy.deepcopy(conv.model)
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():

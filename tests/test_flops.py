@@ -296,3 +296,21 @@ def test_mobilevit_fused_attention_counted_on_cpu():
     assert "aten._scaled_dot_product_flash_attention_for_cpu" not in u.per_op
     assert u.macs == c.macs and u.per_module == c.per_module
     assert u.per_op["aten.bmm"] == sdpa
+
+
+def test_pe_is_counted_as_an_add_not_a_correlation():
+    """MACs of a ParC with PE equal those without PE (the papers add the PE); the function is unchanged."""
+    from parc_surgery.ops.functional import unfolded_pe
+
+    torch.manual_seed(0)
+    with_pe = torch.nn.Sequential(ParC(8, 12, "height", pe=True, impl="spatial"))
+    no_pe = torch.nn.Sequential(ParC(8, 12, "height", pe=False, impl="spatial"))
+    x = torch.randn(2, 8, 12, 5)
+    with torch.no_grad():
+        folded = with_pe(x)
+        with unfolded_pe():
+            unfolded = with_pe(x)
+    assert torch.allclose(folded, unfolded, atol=1e-5)
+    a = count_macs(with_pe, (12, 5), in_chans=8)
+    b = count_macs(no_pe, (12, 5), in_chans=8)
+    assert a.macs == b.macs == 8 * 12 * 12 * 5  # C * N taps * N outputs * W columns

@@ -52,6 +52,9 @@ def test_softmax_module_child_and_pooling_are_told_apart():
     # TokenAttention's softmax is an nn.Softmax child: still its own op; LatentPool reduces the tokens
     assert probe.attention == ("blocks.0.attn", "blocks.1.attn")
     assert probe.other_attention == ("pool",)
+    cands = ps.list_candidates(ToyViT(), "attention2parc", input_size=32)
+    assert cands.other_attention == ("pool",) and "not token mixers" in str(cands)
+    assert [t.name for t in cands.selected] == ["blocks.0.attn", "blocks.1.attn"]
 
 
 def test_default_none_arguments_are_traced_as_called():
@@ -198,3 +201,23 @@ def test_generic_blocks_keep_batch_rows_independent(vit_conv, hybrid_conv):
         full = _eval(conv.model, x)
         one = _eval(conv.model, x[1:2])
         assert torch.allclose(full[1:2], one, atol=1e-5)
+
+
+class _ReadsResolution(nn.Module):
+    """Reads a plain attribute of its attention (EfficientViT's ``attn.resolution``) in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.attn = TokenAttention(8)
+        self.attn.resolution = 4
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.attn(t).mean(1) * self.attn.resolution
+
+
+def test_plain_attributes_of_the_source_stay_readable():
+    conv = ps.convert(_ReadsResolution(), "attention2parc", input_size=16)
+    assert isinstance(conv.model.attn, ParCMixer) and conv.model.attn.resolution == 4
+    assert conv.report.passed

@@ -117,7 +117,7 @@ def test_no_grad_eval_and_channels_last_paths(axis, impl):
 def test_non_square_sizes_each_axis_from_its_own_dimension(axis):
     m = make(3, 6, axis, impl="spatial")
     mf = make(3, 6, axis, impl="fft")
-    for h, w in ((14, 20), (20, 14), (5, 1), (1, 9)):
+    for h, w in ((14, 20), (20, 14), (5, 1), (1, 9), (40, 4), (4, 40)):
         x = torch.randn(2, 3, h, w, dtype=torch.float64)
         r = module_ref(m, x)
         assert (m(x) - r).abs().max() < 1e-10
@@ -150,6 +150,22 @@ def test_not_centred_offset_zero_convention():
             m.weight.zero_()
             m.weight[0, 0, 2, 0] = 1.0
         assert torch.allclose(m(x).flatten(), torch.tensor([2.0, 3, 4, 5, 6, 0, 1], dtype=torch.float64))
+
+
+def test_unfolded_pe_context_is_the_same_function():
+    from parc_surgery.ops.functional import unfolded_pe
+
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64)
+    for impl in ("spatial", "fft"):
+        m = make(3, 5, "height", impl=impl)
+        r = module_ref(m, x)
+        with unfolded_pe():
+            assert (m(x) - r).abs().max() < 1e-10
+            m.eval()
+            with torch.no_grad():
+                assert (m(x) - r).abs().max() < 1e-10
+        with torch.no_grad():
+            assert (m(x) - r).abs().max() < 1e-10  # the folded entry is kept apart in the cache
 
 
 # ----- kernel / PE resizing -----
@@ -338,6 +354,8 @@ def test_bad_impl_or_axis_at_call_time():
         parc_fft(x, w, None, "depth")
     with pytest.raises(ConfigError, match=r"impl must be one of \('spatial', 'fft'\).*'auto'"):
         parc_conv(x, w, None, None, "height", False, "auto")
+    with pytest.raises(ConfigError, match=r"axis must be one of.*'diagonal'"):
+        choose_impl(64, axis="diagonal")
 
 
 # ----- dtypes and impl choice -----

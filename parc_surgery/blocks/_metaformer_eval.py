@@ -40,7 +40,6 @@ __all__ = ["fast_forward"]
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> {key: (stamp, folded)}
 _CACHE_SIZE = 8
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 
 
 def _global_hooks() -> bool:
@@ -73,27 +72,36 @@ def _structure_ok(block) -> bool:
     )
 
 
-def _usable(block, x) -> bool:
-    if not isinstance(x, torch.Tensor) or isinstance(x, torch.fx.Proxy) or x.dim() != 4:
-        return False
-    if x.dtype not in (torch.float32, torch.float64) or x.is_meta or x.shape[1] != block.dim:
-        return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False
+def _scan(block, x) -> tuple | None:
+    """``None`` when the fast path cannot run, else the stamp the cached folds must match.
+
+    One pass over the block's modules: every one in eval mode, no hooks below the block, no parameter that
+    needs a gradient; the stamp holds each module's type, each BatchNorm's eps and each tensor's identity,
+    storage and version counter, so swapping a submodule or editing a weight in place invalidates the cache.
+    """
+    if not isinstance(x, torch.Tensor) or isinstance(x, torch.fx.Proxy):
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or _global_hooks():
+        return None
+    if x.dim() != 4 or x.dtype not in (torch.float32, torch.float64) or x.is_meta or x.shape[1] != block.dim:
+        return None
     grad = torch.is_grad_enabled()
+    stamp: list = []
     for m in block.modules():
-        if m.training:
-            return False
-        if m is not block and any(getattr(m, h, None) for h in _HOOKS):
-            return False
-        for p in m._parameters.values():
-            if p is not None and (p.is_meta or p.is_inference() or (grad and p.requires_grad)):
-                return False
-    return not _global_hooks() and _structure_ok(block)
-
-
-def _stamp(block) -> tuple:
-    return tuple((id(t), t.data_ptr(), t._version) for t in (*block.parameters(), *block.buffers()))
+        if m.training or (m is not block and (m._forward_hooks or m._forward_pre_hooks)):
+            return None
+        stamp.append(type(m))
+        if isinstance(m, nn.BatchNorm2d):
+            stamp.append(m.eps)
+        for t in m._parameters.values():
+            if t is not None:
+                if grad and t.requires_grad:
+                    return None
+                stamp.append((id(t), t.data_ptr(), t._version))
+        for t in m._buffers.values():
+            if t is not None:
+                stamp.append((id(t), t.data_ptr(), t._version))
+    return tuple(stamp)
 
 
 def _bn_affine(bn: nn.BatchNorm2d, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +163,7 @@ def _fold(block, x: torch.Tensor) -> dict:
     return out
 
 
-def _folded(block, x: torch.Tensor) -> dict:
+def _folded(block, x: torch.Tensor, stamp: tuple) -> dict | None:
     key = (
         x.shape[2],
         x.shape[3],
@@ -165,7 +173,6 @@ def _folded(block, x: torch.Tensor) -> dict:
         block.parc_1_w.impl,
         torch.is_inference_mode_enabled(),
     )
-    stamp = _stamp(block)
     entries = _CACHE.get(block)
     if entries is None:
         entries = _CACHE[block] = {}
@@ -173,8 +180,9 @@ def _folded(block, x: torch.Tensor) -> dict:
     if entry is None or entry[0] != stamp:
         if len(entries) >= _CACHE_SIZE:
             entries.clear()
+        ok = _structure_ok(block)  # the stamp holds the module types: checked again whenever one changes
         with torch.no_grad():
-            entry = entries[key] = (stamp, _fold(block, x))
+            entry = entries[key] = (stamp, _fold(block, x) if ok else None)
     return entry[1]
 
 
@@ -186,9 +194,10 @@ def _apply(x: torch.Tensor, kernel: torch.Tensor, axis: str, impl: str) -> torch
 
 def fast_forward(block, x: torch.Tensor) -> torch.Tensor | None:
     """The block's output through the folded inference path, or ``None`` when the reference forward must run."""
-    if not _usable(block, x):
+    stamp = _scan(block, x)
+    f = None if stamp is None else _folded(block, x, stamp)
+    if f is None:
         return None
-    f = _folded(block, x)
     if "spec2" in f:
         h, w = x.shape[2], x.shape[3]
         y = torch.fft.irfft2(torch.fft.rfft2(x).mul_(f["spec2"]), s=(h, w))

@@ -84,6 +84,19 @@ def _carry_matrix(carry: CarryBuilder, new: str, prefix: str, proj: nn.Module) -
         carry.kept.append((f"{new}.bias", f"{prefix}bias"))
 
 
+def _is_plain(v) -> bool:
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return True
+    return isinstance(v, tuple) and all(isinstance(i, (bool, int, float, str)) for i in v)
+
+
+def _adopt_attributes(block: nn.Module, module: nn.Module) -> None:
+    """Copy the source's public plain attributes (``resolution``, ``num_heads``, ...) its callers may read."""
+    for k, v in vars(module).items():
+        if not k.startswith("_") and k not in vars(block) and not hasattr(type(block), k) and _is_plain(v):
+            block.__dict__[k] = v
+
+
 def _child(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
     for n in names:
         m = getattr(module, n, None)
@@ -374,8 +387,9 @@ class ParCMixer(nn.Module):
         ``v_bias`` parameter as in BEiT) as ``v`` (``transformed`` from a fused one, else ``kept``), and the
         output projection (``proj`` / ``out_proj`` / ``o_proj`` / ...) as ``proj``; a 1x1 conv's kernel is
         squeezed to a matrix. Everything else of the attention is ``dropped``; ``v`` / ``proj`` are ``new`` when
-        nothing corresponds. ParC kernels: the reference init; PEs: zero for ``warm_start``, trunc-normal for
-        ``reference`` (attention has no kernel to fold).
+        nothing corresponds. The source's public plain attributes (ints, strings, ... such as ``resolution`` or
+        ``num_heads``, which the code around it may read) are copied onto the block. ParC kernels: the reference
+        init; PEs: zero for ``warm_start``, trunc-normal for ``reference`` (attention has no kernel to fold).
         """
         info = cls._source_dims(module, ctx)
         first = next(iter(module.parameters()), None)
@@ -404,6 +418,7 @@ class ParCMixer(nn.Module):
             **dd,
         )
         block.train(module.training)
+        _adopt_attributes(block, module)
         if ctx.pe and ctx.init == "warm_start":
             for m in (block.parc_1_h, block.parc_1_w, block.parc_2_w, block.parc_2_h):
                 m.pe.zero_()

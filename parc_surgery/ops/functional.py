@@ -15,9 +15,9 @@ Two implementations of the same function, each split into *prepare* (kernel only
 
 * spatial: the correlation as a matrix product with the (N, N) circulant matrix of the kernel,
   ``C[i, j] = w[(j - i) mod N]`` — O(N^2) per line like the reference formulation (concatenate ``x``
-  with its first N-1 rows and run a valid conv) but through batched GEMMs, 1.5-5x faster than that
-  conv on CPU. Dense (channel-mixing) kernels keep the reference conv (their circulant would be
-  ``C_out * C_in * N^2`` large).
+  with its first N-1 rows and run a valid conv) but through batched GEMMs: 1.3-10x faster than that
+  conv on CPU (benchmarks/README.md). Dense (channel-mixing) kernels keep the reference conv (their
+  circulant would be ``C_out * C_in * N^2`` large).
 * fft (Fast-ParC): ``irfft(rfft(x) * conj(rfft(w)), n=N)`` — O(N log N) per line. ``conj`` makes it a
   cross-correlation; ``n=N`` keeps odd N exact. Dense kernels multiply per frequency by a
   (C_out, C_in) complex matrix. Computed in float32/float64 (half inputs are upcast).
@@ -29,6 +29,8 @@ computed once per kernel, which saves a full pass over the input.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -130,10 +132,12 @@ def prepare_kernel(weight: torch.Tensor, axis: Axis, dense: bool, impl: Literal[
     return mat if axis == "height" else mat.transpose(1, 2).contiguous()
 
 
-# Spatial GEMM layouts (measured with benchmarks/bench_parc_op.py, see benchmarks/README.md):
-# lines up to _SHORT_LINE long run as one GEMM per channel over all lines of the batch (few, wide GEMMs beat
-# B*C tiny ones); longer lines as one (N, N) GEMM per (image, channel) — broadcast matmul, or without autograd
-# from _LONG_LINE up one batched GEMM per image written in place (saves the (B, C, N, N) expanded-kernel copy).
+# Spatial GEMM layouts (measured, see benchmarks/README.md "ParC operator"):
+# * without autograd, lines from _LONG_LINE up: one batched (C, N, N) GEMM per image, written in place;
+# * lines up to _SHORT_LINE, or much longer than the other axis: one GEMM per channel over all lines of the
+#   batch (few wide GEMMs beat B*C tiny ones; costs a copy of x and y, but never a kernel per image);
+# * otherwise one (N, N) GEMM per (image, channel) through a broadcast matmul (which copies the kernel to
+#   (B, C, N, N): as large as x for square maps).
 _SHORT_LINE = 8
 _LONG_LINE = 32
 
@@ -155,7 +159,15 @@ def _apply_spatial(
         dim = _dim(axis)
         xp = torch.cat([x, x.narrow(dim, 0, n - 1)], dim=dim) if n > 1 else x
         return _add(F.conv2d(xp, kernel), offset)
-    if n <= _SHORT_LINE:  # the offset (1, C, N or 1, 1) / (1, C, 1, N or 1) goes into the GEMM
+    if n >= _LONG_LINE and not torch.is_grad_enabled() and x.is_contiguous() and not torch.compiler.is_compiling():
+        y = torch.empty_like(x)
+        for i in range(b):
+            if height:
+                torch.matmul(kernel, x[i], out=y[i])
+            else:
+                torch.matmul(x[i], kernel, out=y[i])
+        return _add(y, offset)
+    if n <= _SHORT_LINE or n > 2 * (w if height else h):  # the offset goes into the GEMM
         if height:  # (C, H, H) @ (C, H, B*W)
             off = None if offset is None else offset.to(x.dtype).view(c, -1, 1)
             xt = x.permute(1, 2, 0, 3).reshape(c, h, b * w)
@@ -165,14 +177,6 @@ def _apply_spatial(
         xt = x.transpose(0, 1).reshape(c, b * h, w)  # (C, B*H, W) @ (C, W, W)
         y = torch.bmm(xt, kernel) if off is None else torch.baddbmm(off, xt, kernel)
         return y.view(c, b, h, w).transpose(0, 1).contiguous()
-    if n >= _LONG_LINE and not torch.is_grad_enabled() and x.is_contiguous() and not torch.compiler.is_compiling():
-        y = torch.empty_like(x)
-        for i in range(b):
-            if height:
-                torch.matmul(kernel, x[i], out=y[i])
-            else:
-                torch.matmul(x[i], kernel, out=y[i])
-        return _add(y, offset)
     y = torch.matmul(kernel, x) if height else torch.matmul(x, kernel)
     return _add(y, offset)
 
@@ -207,6 +211,30 @@ def apply_kernel(
         y = _add(_apply_fft(x.to(kernel.real.dtype), kernel, axis, dense), offset)
         return y.to(x.dtype)
     return _apply_spatial(x, kernel, offset, axis, dense)
+
+
+_FOLD_PE = [True]
+
+
+@contextlib.contextmanager
+def unfolded_pe() -> Iterator[None]:
+    """Within this context ParC adds the PE to its input (the papers' formulation) instead of folding
+    ``corr(pe)`` into the output offset. Same function; used when counting MACs, so the per-size
+    preparation (done once per input size and cached in eval) is not counted as per-input work."""
+    _FOLD_PE.append(False)
+    try:
+        yield
+    finally:
+        _FOLD_PE.pop()
+
+
+def split_pe(
+    x: torch.Tensor, pe: torch.Tensor | None, n: int, axis: Axis
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x, pe)`` to use: unchanged when folding, else ``(x + resized pe, None)``."""
+    if pe is None or _FOLD_PE[-1]:
+        return x, pe
+    return x + resize_kernel(pe, n, axis).to(x.dtype), None
 
 
 def prepare(
@@ -297,5 +325,6 @@ def parc_conv(
     _check_axis(axis)
     _check_impl(impl, ("spatial", "fft"))
     check_input(x, weight.shape[0], axis)
+    x, pe = split_pe(x, pe, x.shape[_dim(axis)], axis)
     kernel, offset = prepare(weight, pe, bias, x.shape[_dim(axis)], axis, dense, impl, x.dtype)
     return apply_kernel(x, kernel, offset, axis, dense, impl)

@@ -24,17 +24,19 @@ from timm.layers import register_notrace_module, trunc_normal_
 from torch import nn
 
 from ..errors import ConfigError
-from .functional import AXES, IMPLS, Axis, Impl, apply_kernel, check_input, prepare, resize_kernel
+from .functional import AXES, IMPLS, Axis, Impl, apply_kernel, check_input, prepare, resize_kernel, split_pe
 
 __all__ = ["FFT_MIN_LENGTH", "FFT_MIN_LENGTH_DENSE", "ParC", "choose_impl"]
 
 # Crossovers for impl="auto": the FFT path is used from these axis lengths up (float32/64).
-# Measured with benchmarks/bench_parc_op.py --crossover on a 2-vCPU Xeon (Sapphire Rapids, AVX-512,
+# Measured with benchmarks/bench_parc_op.py --crossover --clock cpu (commands and tables in
+# benchmarks/README.md, "ParC operator") on a 2-vCPU Xeon (Sapphire Rapids, AVX-512,
 # torch 2.14 + MKL), 2 threads, batch 8, interleaved rounds, median process CPU time (the machine was shared):
 #   depthwise, forward:  width  FFT/spatial 0.99-1.05 at N=112..224 (C=64/256), 0.84-0.99 at 256, 0.58-0.74 at 448+;
 #                        height 1.36 at 256, 1.11 at 384-448, 1.02 at 512, 0.90 at 640 (C=16; the strided H
 #                        transform is ~1.5x slower than the contiguous W one);
-#   depthwise, fwd+bwd:  width 1.28-1.87 up to 256, 1.01 at 448, 0.91 at 512; height 1.25-1.85 up to 640;
+#   depthwise, fwd+bwd:  width 1.28-1.87 up to 256, 1.01 at 448, 0.91 at 512; height 1.19-1.85 up to 1024
+#                        (never faster; from 1024 FFT anyway: the circulant, C*N^2 floats, gets too large);
 #   dense (both passes): 1.4-2.4 at N <= 7, 0.96-1.15 at N=10..14 (C=64), 0.74-0.88 at N=14 (C=128/256),
 #                        0.36-0.56 at N=28 (C=128/256).
 # With the spatial path as circulant GEMMs, depthwise FFT only pays off for very long lines on CPU; the
@@ -43,7 +45,7 @@ FFT_MIN_LENGTH: dict[tuple[str, bool], int] = {  # depthwise: (axis, grad) -> le
     ("width", False): 256,
     ("height", False): 512,
     ("width", True): 512,
-    ("height", True): 768,
+    ("height", True): 1024,
 }
 FFT_MIN_LENGTH_DENSE = 14
 
@@ -63,6 +65,8 @@ def choose_impl(
     Half-precision inputs always get ``spatial`` (CPU FFTs need float32/64; the FFT path would upcast).
     ``channels`` is accepted for future rules; the measured crossovers barely depend on it.
     """
+    if axis not in AXES:
+        raise ConfigError(f"choose_impl: axis must be one of {AXES}, got {axis!r}")
     if dtype not in (torch.float32, torch.float64):
         return "spatial"
     threshold = FFT_MIN_LENGTH_DENSE if dense else FFT_MIN_LENGTH[(axis, bool(grad))]
@@ -91,6 +95,7 @@ def _parc_forward(
     check_input(x, weight.shape[0], axis)
     impl = _resolve_impl(impl, x, weight, axis, dense)
     n = x.shape[2] if axis == "height" else x.shape[3]
+    x, pe = split_pe(x, pe, n, axis)
     kernel, offset = prepare(weight, pe, bias, n, axis, dense, impl, x.dtype)
     return apply_kernel(x, kernel, offset, axis, dense, impl)
 
@@ -111,9 +116,10 @@ class ParC(nn.Module):
     input's own length N along that axis at every call.
 
     Two implementations compute the same function: ``spatial`` multiplies each line by the kernel's
-    (N, N) circulant matrix (batched GEMMs, O(N^2) per line: fastest for short axes), ``fft`` is
-    Fast-ParC (O(N log N) per line, computed in float32/64). ``auto`` picks per call from the actual
-    size with :func:`choose_impl`, whose crossover was measured with ``benchmarks/bench_parc_op.py``.
+    (N, N) circulant matrix (batched GEMMs, O(N^2) per line), ``fft`` is Fast-ParC (O(N log N) per
+    line, computed in float32/64). On CPU the GEMMs win for depthwise kernels up to N ~ 256 (width) /
+    512 (height) and FFT wins for dense kernels from N ~ 14. ``auto`` picks per call from the actual
+    size with :func:`choose_impl`, whose crossovers were measured with ``benchmarks/bench_parc_op.py``.
 
     Eval-mode cache: when the module is in eval mode and no gradient is needed (``torch.no_grad()``,
     ``torch.inference_mode()`` or frozen parameters), the resized kernel in its prepared form (circulant
@@ -211,14 +217,15 @@ class ParC(nn.Module):
         check_input(x, self.weight.shape[0], self.axis)
         impl = _resolve_impl(self.impl, x, self.weight, self.axis, self.dense)
         n = x.shape[2] if self.axis == "height" else x.shape[3]
+        x, pe = split_pe(x, self.pe, n, self.axis)
         # inference-mode tensors cannot be saved for backward: keep those entries apart
-        key = (impl, n, x.dtype, x.device, torch.is_inference_mode_enabled())
+        key = (impl, n, x.dtype, x.device, torch.is_inference_mode_enabled(), pe is None)
         stamp = tuple((id(p), p.data_ptr(), p._version) for p in self._params())
         entry = self._kernel_cache.get(key)
         if entry is None or entry[0] != stamp:
             if len(self._kernel_cache) >= _CACHE_SIZE:
                 self._kernel_cache.clear()
-            kernel, offset = prepare(self.weight, self.pe, self.bias, n, self.axis, self.dense, impl, x.dtype)
+            kernel, offset = prepare(self.weight, pe, self.bias, n, self.axis, self.dense, impl, x.dtype)
             entry = self._kernel_cache[key] = (stamp, kernel, offset)
         return apply_kernel(x, entry[1], entry[2], self.axis, self.dense, impl)
 

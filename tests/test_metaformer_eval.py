@@ -1,0 +1,105 @@
+"""The ParC-MetaFormer block's inference fast path computes what its reference forward computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from parc_surgery.blocks import _metaformer_eval as fe
+from parc_surgery.blocks.metaformer import ParCMetaFormerBlock
+
+
+def _block(dim=32, k=(8, 10), *, pe=True, impl="auto", seed=0, dtype=torch.float32) -> ParCMetaFormerBlock:
+    torch.manual_seed(seed)
+    blk = ParCMetaFormerBlock(dim, k, pe=pe, impl=impl, dtype=dtype)
+    with torch.no_grad():  # non-trivial BN statistics and affines, so folding them is really tested
+        for m in blk.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    return blk.eval()
+
+
+def _reference(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The reference forward: with autograd on (parameters require grad) the fast path never runs."""
+    with torch.enable_grad():
+        return blk(x).detach()
+
+
+def _fast(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        y = blk(x)
+    assert fe._CACHE.get(blk), "the fast path did not run"
+    return y
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("impl", ["spatial", "fft", "auto"])
+@pytest.mark.parametrize("pe", [True, False])
+@pytest.mark.parametrize("size", [(8, 10), (12, 7)])
+def test_fast_path_matches_reference(impl, pe, size):
+    blk = _block(pe=pe, impl=impl)
+    x = torch.randn(2, 32, *size)
+    ref = _reference(blk, x)
+    assert _rel(_fast(blk, x), ref) < 1e-5
+
+
+def test_float64_and_mixed_impls_per_axis():
+    blk = _block(dtype=torch.float64)
+    for p in (blk.parc_1_h, blk.parc_2_h):
+        p.impl = "fft"  # height on FFT, width on spatial
+    for p in (blk.parc_1_w, blk.parc_2_w):
+        p.impl = "spatial"
+    x = torch.randn(1, 32, 9, 11, dtype=torch.float64)
+    assert _rel(_fast(blk, x), _reference(blk, x)) < 1e-12
+
+
+def test_cache_follows_parameter_and_buffer_changes():
+    blk = _block()
+    x = torch.randn(1, 32, 8, 10)
+    before = _fast(blk, x)
+    with torch.no_grad():
+        blk.parc_2_w.weight.mul_(-2.0)  # in-place edit: version counter bump
+    after = _fast(blk, x)
+    assert _rel(after, before) > 1e-3
+    assert _rel(after, _reference(blk, x)) < 1e-5
+    state = copy.deepcopy(blk.state_dict())
+    state["ffn.norm.running_var"].mul_(3.0)
+    blk.load_state_dict(state)  # copies into the buffers in place
+    assert _rel(_fast(blk, x), _reference(blk, x)) < 1e-5
+
+
+def test_falls_back_when_a_submodule_is_swapped_or_hooked():
+    blk = _block()
+    x = torch.randn(1, 32, 8, 10)
+    _fast(blk, x)
+    blk.ffn.act = nn.GELU()  # not the layout the fold assumes: the reference forward must run
+    with torch.inference_mode():
+        y = blk(x)
+    assert _rel(y, _reference(blk, x)) < 1e-6
+    calls = []
+    blk.ca.register_forward_hook(lambda m, a, o: calls.append(1))
+    with torch.no_grad():
+        blk(x)
+    assert calls == [1]  # hooks on submodules fire: the reference forward ran
+
+
+def test_training_mode_and_deepcopy():
+    blk = _block()
+    x = torch.randn(2, 32, 8, 10)
+    _fast(blk, x)
+    twin = copy.deepcopy(blk)
+    assert twin not in fe._CACHE  # the cache lives outside the module and is not copied
+    assert _rel(_fast(twin, x), _reference(blk, x)) < 1e-5
+    blk.train()
+    with torch.no_grad():
+        y = blk(x)  # batch statistics: differs from the eval output
+    assert _rel(y, _reference(blk.eval(), x)) > 1e-3
