@@ -41,7 +41,7 @@ import contextlib
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -53,7 +53,15 @@ from .errors import ConfigError, NoMatchError, TraceError
 from .ops.functional import IMPLS, unfolded_pe
 from .ops.parc import ParC
 
-__all__ = ["MacCount", "count_macs", "count_params", "fft_flops", "infer_in_chans", "is_compute_op"]
+__all__ = [
+    "MacCount",
+    "count_macs",
+    "count_macs_impls",
+    "count_params",
+    "fft_flops",
+    "infer_in_chans",
+    "is_compute_op",
+]
 
 aten = torch.ops.aten
 
@@ -492,3 +500,81 @@ def count_macs(
         batch=batch,
         per_op=dict(sorted(per_op.items())),
     )
+
+
+def count_macs_impls(
+    model: nn.Module,
+    input_size: tuple[int, int] | int,
+    impls: tuple[str, ...] = ("spatial", "fft"),
+    *,
+    batch: int = 1,
+    in_chans: int | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, MacCount]:
+    """:func:`count_macs` with every ParC on each impl of ``impls``, for the price of about one pass.
+
+    The whole model is counted once, every ParC on ``impls[0]``, recording each ParC call's input shape.
+    A ParC's ops depend only on its configuration, its input shape and its impl, so the count for another
+    impl replaces each call's own count: one small pass per distinct (ParC configuration, shape, impl).
+    Totals (``macs``, ``flops``) equal those of separate :func:`count_macs` passes; per-module and per-op
+    figures to within rounding (1 MAC per ParC call), except that a ParC module shared by several parents
+    is attributed to the parents of its last name. Returns ``{impl: MacCount}``.
+    """
+    impls = tuple(impls)
+    if not impls or any(i not in IMPLS for i in impls):
+        raise ConfigError(f"count_macs_impls: impls must be a non-empty tuple of {IMPLS}, got {impls!r}")
+    parcs = {id(m): m for m in model.modules() if isinstance(m, ParC)}
+    calls: list[tuple[ParC, tuple[int, ...]]] = []
+
+    def record(m, args):
+        if args and isinstance(args[0], torch.Tensor):
+            calls.append((m, tuple(args[0].shape)))
+
+    handles = [m.register_forward_pre_hook(record) for m in parcs.values()]
+    try:
+        first = count_macs(model, input_size, batch=batch, in_chans=in_chans, parc_impl=impls[0], device=device)
+    finally:
+        for h in handles:
+            h.remove()
+    names: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if id(m) in parcs:
+            names[id(m)] = name  # a shared module is counted under its last name, as FlopCounterMode does
+    target = torch.device(device) if device is not None else _model_device(model)
+    memo: dict[tuple, MacCount] = {}
+
+    def one(m: ParC, shape: tuple[int, ...], impl: str) -> MacCount:
+        key = (type(m), tuple(m.weight.shape), m.weight.dtype, m.kernel_size, m.axis, m.dense,
+               m.pe is not None, m.bias is not None, shape, impl)  # fmt: skip
+        if key not in memo:
+            b, c, h, w = shape
+            memo[key] = count_macs(m, (h, w), batch=b, in_chans=c, parc_impl=impl, device=target)
+        return memo[key]
+
+    out = {impls[0]: first}
+    for impl in impls[1:]:
+        if impl in out:
+            continue
+        flops = first.flops
+        per_op = dict(first.per_op)
+        per_module = dict(first.per_module)
+        uncounted = dict(first.uncounted)
+        for m, shape in calls:
+            a, b = one(m, shape, impls[0]), one(m, shape, impl)
+            flops += b.flops - a.flops
+            for table, sa, sb in ((per_op, a.per_op, b.per_op), (uncounted, a.uncounted, b.uncounted)):
+                for op in {*sa, *sb}:
+                    table[op] = table.get(op, 0) + sb.get(op, 0) - sa.get(op, 0)
+            parts = names[id(m)].split(".") if names[id(m)] else []
+            for i in range(len(parts) + 1):  # the ParC and every module above it
+                k = ".".join(parts[:i])
+                per_module[k] = per_module.get(k, 0) + b.macs - a.macs
+        out[impl] = replace(
+            first,
+            macs=flops // 2,
+            flops=flops,
+            per_module=per_module,
+            uncounted={k: v for k, v in sorted(uncounted.items()) if v > 0},
+            per_op={k: v for k, v in sorted(per_op.items()) if v > 0},
+        )
+    return out

@@ -103,3 +103,14 @@ def test_training_mode_and_deepcopy():
     with torch.no_grad():
         y = blk(x)  # batch statistics: differs from the eval output
     assert _rel(y, _reference(blk.eval(), x)) > 1e-3
+
+
+def test_mac_counts_see_the_reference_ops():
+    from parc_surgery.flops import count_macs
+
+    blk = _block()
+    on_cpu = count_macs(blk, (8, 10), in_chans=32, batch=2)  # eval, no grad, on the real device
+    on_meta = count_macs(blk, (8, 10), in_chans=32, batch=2, device="meta")
+    assert on_cpu.macs == on_meta.macs > 0
+    assert on_cpu.per_module["parc_1_h"] == on_meta.per_module["parc_1_h"] > 0  # the ParC modules ran
+    assert blk not in fe._CACHE  # counting never took the folded path

@@ -19,7 +19,8 @@ Folded weights are cached per block (outside the module, so ``deepcopy``, pickli
 see them) per (input size, dtype, device, ParC impls) and rebuilt when any parameter or buffer of the
 block changes (version counter / storage), as the ParC kernel cache does. Anything unusual (training
 mode, autograd, tracing, ``torch.compile``, the meta device, half precision, hooks on a submodule,
-swapped-out submodules, ParC pairs on different impls) takes the reference forward.
+swapped-out submodules, ParC pairs on different impls, a dispatch mode such as MAC counting or probing)
+takes the reference forward, so MAC counts and probes see the published formulation.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..ops import ParC
-from ..ops.functional import prepare, resize_kernel
+from ..ops.functional import _FOLD_PE, prepare, resize_kernel
 from ..ops.parc import _resolve_impl
 
 __all__ = ["fast_forward"]
@@ -82,6 +84,8 @@ def _scan(block, x) -> tuple | None:
     if not isinstance(x, torch.Tensor) or isinstance(x, torch.fx.Proxy):
         return None
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or _global_hooks():
+        return None
+    if is_in_torch_dispatch_mode() or not _FOLD_PE[-1]:  # MAC counting, probing: the reference ops are counted
         return None
     if x.dim() != 4 or x.dtype not in (torch.float32, torch.float64) or x.is_meta or x.shape[1] != block.dim:
         return None

@@ -159,7 +159,9 @@ def _apply_spatial(
         dim = _dim(axis)
         xp = torch.cat([x, x.narrow(dim, 0, n - 1)], dim=dim) if n > 1 else x
         return _add(F.conv2d(xp, kernel), offset)
-    if n >= _LONG_LINE and not torch.is_grad_enabled() and x.is_contiguous() and not torch.compiler.is_compiling():
+    # (not while tracing: torch.jit / the legacy ONNX exporter does not record ``out=`` writes into a view)
+    traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    if n >= _LONG_LINE and not torch.is_grad_enabled() and x.is_contiguous() and not traced:
         y = torch.empty_like(x)
         for i in range(b):
             if height:
@@ -228,9 +230,7 @@ def unfolded_pe() -> Iterator[None]:
         _FOLD_PE.pop()
 
 
-def split_pe(
-    x: torch.Tensor, pe: torch.Tensor | None, n: int, axis: Axis
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def split_pe(x: torch.Tensor, pe: torch.Tensor | None, n: int, axis: Axis) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(x, pe)`` to use: unchanged when folding, else ``(x + resized pe, None)``."""
     if pe is None or _FOLD_PE[-1]:
         return x, pe
