@@ -21,6 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
+	mkdir -p out
 	$(VENV)/bin/parc-convert mobilevit_s --rule vit2parc --output out/parcnet_s.safetensors --report out/parcnet_s.md --force
 
 lint: $(STAMP)
