@@ -7,8 +7,10 @@
    median over the repeats, wall time and process CPU time (all threads).
 2. ``parc-convert vit_giant_patch14_224 --rule vit_attention2parc --dry-run`` (a 1 B-parameter model on
    the meta device: shapes only) in a fresh subprocess, from interpreter start to exit: target <= 10 s
-   and <= 1 GiB peak resident memory (the child's own ``VmHWM`` from ``/proc/self/status``, checked
-   against ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` in the parent).
+   and <= 1 GiB peak resident memory: the child's own ``VmHWM`` (``/proc/self/status``) and
+   ``getrusage(RUSAGE_SELF).ru_maxrss``; the parent's ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` is printed
+   too, but it also covers helper processes the child forks while importing torch, and a forked process
+   starts with its parent's resident pages, so it can read higher than the child itself ever was.
 
 Usage:
   python benchmarks/bench_convert.py                 # both, 3 repeats
@@ -38,7 +40,7 @@ DRY_MODEL, DRY_RULE = "vit_giant_patch14_224", "vit_attention2parc"
 DRY_TARGET_S, DRY_TARGET_RSS = 10.0, 1 << 30
 
 _CHILD = r"""
-import contextlib, io, json, os, sys, time
+import contextlib, io, json, os, re, resource, sys, time
 t0 = time.perf_counter()
 from parc_surgery.cli import main
 t_import = time.perf_counter() - t0
@@ -51,8 +53,11 @@ with contextlib.redirect_stdout(out):
         code = e.code or 0
 t_total = time.perf_counter() - t0
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-passed = "Checks (" in out.getvalue() and code == 0
-print(json.dumps({"import_s": t_import, "in_process_s": t_total, "vmhwm": hwm, "exit": code, "passed": passed}))
+m = re.search(r"Checks \((\d+/\d+) passed\)", out.getvalue())
+checks = (m.group(1) + " passed") if m else "no check table"
+own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"import_s": t_import, "in_process_s": t_total, "vmhwm": hwm, "self_maxrss": own, "exit": code,
+                  "checks": checks}))
 """
 
 
@@ -126,24 +131,48 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-convert", action="store_true")
     ap.add_argument("--profile", metavar="MODEL", help="cProfile one convert of MODEL instead")
     args = ap.parse_args(argv)
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, repeats={args.repeats}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, load average at start {_load()}",
+        flush=True,
+    )
+    lines = []
+    # the dry runs first, while this process is small: a child forked from a big parent inherits its
+    # maximum RSS in ru_maxrss (VmHWM, read in the child after exec, is exact either way)
+    if not args.skip_dry_run and not args.profile:
+        runs = bench_dry_run(args.repeats)
+        print(
+            f"\n`parc-convert {DRY_MODEL} --rule {DRY_RULE} --dry-run` in a fresh process (default threads):\n\n"
+            "| run | wall s (process) | import s | CPU s | peak RSS (VmHWM) | ru_maxrss self | ru_maxrss children |"
+            " checks |\n|---|---|---|---|---|---|---|---|"
+        )
+        for i, r in enumerate(runs):
+            print(
+                f"| {i + 1} | {r['wall_s']:.2f} | {r['import_s']:.2f} | {r['cpu_s']:.2f} | "
+                f"{r['vmhwm'] / 2**20:.0f} MiB | {r['self_maxrss'] / 2**20:.0f} MiB | "
+                f"{r['ru_maxrss'] / 2**20:.0f} MiB | {r['checks']} (exit {r['exit']}) |"
+            )
+        med = statistics.median(r["wall_s"] for r in runs)
+        peak = max(max(r["vmhwm"], r["self_maxrss"]) for r in runs)
+        ok_t, ok_m = med <= DRY_TARGET_S, peak <= DRY_TARGET_RSS
+        lines.append(
+            f"dry run {DRY_MODEL}: median {med:.2f} s (target <= {DRY_TARGET_S:g} s): {'PASS' if ok_t else 'FAIL'}; "
+            f"peak RSS {peak / 2**20:.0f} MiB (target <= 1024 MiB): {'PASS' if ok_m else 'FAIL'}"
+        )
 
     import torch
 
     torch.set_num_threads(args.threads)
-    print(
-        f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"threads={args.threads}, repeats={args.repeats}, load average at start {_load()}",
-        flush=True,
-    )
     if args.profile:
         profile_convert(args.profile, 40)
         return 0
-    lines = []
     if not args.skip_convert:
         print(
-            "\n| model | rule | build s | convert+validate s (min / median) | CPU s (min / median) | checks | target |"
+            f"\n`convert` (torch {torch.__version__}, threads={args.threads}):\n\n"
+            "| model | rule | build s | convert+validate s (min / median) | CPU s (min / median) | checks | target |\n"
+            "|---|---|---|---|---|---|---|",
+            flush=True,
         )
-        print("|---|---|---|---|---|---|---|")
         for name in args.models:
             rule, target = CASES[name]
             r = bench_convert(name, rule, args.repeats)
@@ -158,25 +187,6 @@ def main(argv=None) -> int:
             lines.append(
                 f"convert+validate {name}: median {med:.2f} s (target <= {target:g} s): {'PASS' if ok else 'FAIL'}"
             )
-    if not args.skip_dry_run:
-        runs = bench_dry_run(args.repeats)
-        print(
-            f"\n`parc-convert {DRY_MODEL} --rule {DRY_RULE} --dry-run` in a fresh process:\n\n"
-            "| run | wall s (process) | of which import s | CPU s | peak RSS (VmHWM) | ru_maxrss (children) | exit |\n"
-            "|---|---|---|---|---|---|---|"
-        )
-        for i, r in enumerate(runs):
-            print(
-                f"| {i + 1} | {r['wall_s']:.2f} | {r['import_s']:.2f} | {r['cpu_s']:.2f} | "
-                f"{r['vmhwm'] / 2**20:.0f} MiB | {r['ru_maxrss'] / 2**20:.0f} MiB | {r['exit']} |"
-            )
-        med = statistics.median(r["wall_s"] for r in runs)
-        peak = max(r["vmhwm"] for r in runs)
-        ok_t, ok_m = med <= DRY_TARGET_S, peak <= DRY_TARGET_RSS
-        lines.append(
-            f"dry run {DRY_MODEL}: median {med:.2f} s (target <= {DRY_TARGET_S:g} s): {'PASS' if ok_t else 'FAIL'}; "
-            f"peak RSS {peak / 2**20:.0f} MiB (target <= 1024 MiB): {'PASS' if ok_m else 'FAIL'}"
-        )
     print("\n# Targets")
     for line in lines:
         print(line)

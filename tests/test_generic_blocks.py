@@ -221,3 +221,34 @@ def test_plain_attributes_of_the_source_stay_readable():
     conv = ps.convert(_ReadsResolution(), "attention2parc", input_size=16)
     assert isinstance(conv.model.attn, ParCMixer) and conv.model.attn.resolution == 4
     assert conv.report.passed
+
+
+class _ConvBn(nn.Sequential):
+    """A block that is a Sequential subclass (timm ConvNorm / torchvision Conv2dNormActivation style)."""
+
+    def __init__(self, c: int):
+        super().__init__(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+
+class _IteratesItsBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.body = nn.Sequential(_ConvBn(8), _ConvBn(8), _ConvBn(8))
+
+    def forward(self, x):
+        x = self.stem(x)
+        for blk in self.body:
+            x = x + blk(x) / len(blk)  # the caller uses the container's own methods
+        return x.mean((2, 3))
+
+
+def test_container_subclass_blocks_keep_their_class():
+    torch.manual_seed(0)
+    model = _IteratesItsBlocks()
+    conv = ps.convert(model, "convstage2parc", input_size=16)
+    assert [(t.name, t.block) for t in conv.plan.targets] == [("body.2", "parc_conv")]
+    assert conv.report.passed, conv.report.checks
+    new = conv.model.body[2]
+    assert type(new) is _ConvBn and type(new[0]).__name__ == "ParCSplit"
+    assert torch.equal(new[1].weight, model.body[2][1].weight)

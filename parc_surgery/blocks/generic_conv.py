@@ -12,6 +12,9 @@ forward is the source class's own):
   cost ``C^2 K / 2`` parameters, far more than the grouped conv it replaces. Its warm start folds the
   kernel summed over each group's input channels (exact for inputs constant across a group's channels).
 
+A block that is itself a container subclass (timm's ``ConvNorm``, torchvision's ``Conv2dNormActivation``)
+is replaced by a copy of itself with the conv swapped, so the container's own forward and methods stay.
+
 It is *lenient* (``skip_unsupported``): a generic rule selects it for whole stages, and blocks it cannot
 replace (no or several spatial convs, strided, dilated, channel-changing, odd width, a block that
 changes the feature size) are left out with a note instead of failing the conversion.
@@ -161,17 +164,24 @@ class ParCConv(ParCConvBlock):
         block = cls(module, kernel_hw=ctx.kernel_hw, pe=ctx.pe, impl=ctx.impl, init=ctx.init)
         path = block.parc_path
         conv = module.get_submodule(path)
+        if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            # a container subclass (timm ConvNorm, torchvision Conv2dNormActivation): its forward and its callers
+            # use the container's own methods, so the replacement is a copy of it with the conv swapped
+            twin = copy.deepcopy(module)
+            twin.set_submodule(path, block.get_submodule(path))
+            block = twin
         builder = CarryBuilder()
         for name, _ in module.named_parameters():
             if not name.startswith(path + "."):
                 builder.kept.append((name, name))
         if ctx.init == "warm_start":
             split = block.get_submodule(path)
+            grouped = 1 < conv.groups < conv.out_channels
             d = split.half
             kh, kw = conv.kernel_size
             if split.dense:
                 part = "within-half block [{s}, {s}] of the kernel"
-            elif block.parc_grouped:
+            elif grouped:
                 part = (
                     f"channels [{{s}}] of the kernel summed over each group's {conv.in_channels // conv.groups} inputs"
                 )

@@ -182,6 +182,9 @@ class ParC(nn.Module):
 
     def reset_parameters(self) -> None:
         """The reference initialisation: PyTorch's default conv init for kernel and bias, PE per ``pe_init``."""
+        self.clear_cache()
+        if self.weight.is_meta:  # no values to initialise (a dry run builds on the meta device)
+            return
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         if self.bias is not None:
             fan_in = self.weight.shape[1] * self.kernel_size
