@@ -9,7 +9,9 @@ Pairs (original -> conversion, rule, input size):
   deit_small       DeiT-S           -> DeiT-S ParC mixer  vit_attention2parc  224
 
 Variants, per pair and batch size: the original in eager mode; the conversion in eager mode with every
-ParC on ``spatial``, on ``fft`` and on ``auto`` (each ParC's ``.impl`` is set before its call); both under
+ParC on ``spatial``, on ``fft`` and on ``auto`` (each ParC's ``.impl`` is set before its call), and for
+ParC-Net-S also with its ParC-MetaFormer blocks on their reference forward instead of their folded
+inference path (``blocks/_metaformer_eval.py``), to show what that path buys; both under
 ``torch.compile`` (inductor, with ``freezing`` so weight-only work such as kernel resizing is folded
 once); both exported to ONNX and run in onnxruntime (ParC exported on its ``spatial`` path: the ONNX
 exporters do not translate complex FFTs). A compile or ONNX variant that fails prints ``n/a (reason)``.
@@ -51,6 +53,8 @@ import torch
 from torch import nn
 
 from parc_surgery import ParC, convert
+from parc_surgery.blocks._metaformer_eval import reference_forward
+from parc_surgery.blocks.metaformer import ParCMetaFormerBlock
 
 IMPLS = ("spatial", "fft", "auto")
 CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -122,6 +126,13 @@ def eager_variants(orig: nn.Module, conv: nn.Module, x: torch.Tensor) -> dict[st
     out = {"orig eager": (lambda: None, lambda: orig(x))}
     for impl in IMPLS:
         out[f"parc eager {impl}"] = (lambda impl=impl: set_impl(conv, impl), lambda: conv(x))
+    if any(isinstance(m, ParCMetaFormerBlock) for m in conv.modules()):  # what the blocks' inference path buys
+
+        def reference():
+            with reference_forward():
+                conv(x)
+
+        out["parc eager spatial, reference blocks"] = (lambda: set_impl(conv, "spatial"), reference)
     return out
 
 
@@ -315,7 +326,7 @@ def check_targets(rows: list[Row], stat: str) -> list[str]:
         rs = [r for r in rows if r.pair.key == key and r.batch == b and r.median is not None]
         pair = PAIRS[key]
         orig = next((r for r in rs if r.variant == "orig eager"), None)
-        impls = {r.variant.split()[-1]: _stat(r, stat) for r in rs if r.variant.startswith("parc eager")}
+        impls = {r.variant.split()[-1]: _stat(r, stat) for r in rs if r.variant in {f"parc eager {i}" for i in IMPLS}}
         if orig is None or len(impls) < 3:
             continue
         best_impl = min(("spatial", "fft"), key=lambda k: impls[k])

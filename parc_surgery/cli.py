@@ -36,7 +36,7 @@ from typing import Any
 
 import click
 
-from .errors import CheckpointError, ConfigError, NoMatchError, ParcSurgeryError, ValidationError
+from .errors import ConfigError, NoMatchError, ParcSurgeryError, ValidationError
 
 __all__ = ["cli", "main"]
 
@@ -416,8 +416,8 @@ def _run(ui: _Ui, **o: Any) -> int:
     output = o["output"]
     if output and not dry:
         pio._check_target(Path(output), o["force"])  # fail before the slow part, not after it
-    if report_path and not dry and not Path(report_path).parent.is_dir():
-        raise CheckpointError(f"cannot write the report {report_path!r}: its directory does not exist")
+    if report_path and not dry:
+        pio._check_target(Path(report_path), o["force"])  # reports are not clobbered without --force either
 
     # 1. the model
     meta = dry or o["inspect"]

@@ -305,7 +305,8 @@ def trace_model(model: nn.Module, leaf_types: Iterable[type] = ()) -> tuple[torc
     try:
         tracer = _Tracer()
         graph = tracer.trace(model, concrete_args=_default_args(model))
-        name = type(model).__name__
-        return torch.fx.GraphModule(tracer.root, graph, name), ""
+        # the default class name: torch.fx makes a class per GraphModule, and one named after the model's own class
+        # would put that name among the torch classes a rule may name (parc_surgery.types' allow-list)
+        return torch.fx.GraphModule(tracer.root, graph), ""
     except Exception as e:
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -140,7 +140,8 @@ def known_type_names(*, refresh: bool = False) -> dict[str, dict[str, type]]:
         if cls in seen:
             continue
         seen.add(cls)
-        if is_allowed_class(cls):
+        # torch.fx makes a GraphModule subclass per traced class, named after it: not a real class
+        if is_allowed_class(cls) and not cls.__module__.startswith("torch.fx."):
             table.setdefault(cls.__name__, {})[_full_name(cls)] = cls
         stack.extend(type.__subclasses__(cls))
     for cls in _REGISTERED:

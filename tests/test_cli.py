@@ -89,6 +89,16 @@ def test_existing_output_needs_force(converted):
     assert (path.read_bytes(), os.stat(path).st_mtime_ns) == before
 
 
+def test_existing_report_needs_force(converted):
+    _, d, _ = converted
+    path = d / "r.json"
+    before = (path.read_bytes(), os.stat(path).st_mtime_ns)
+    result = run([*R18, "--input-size", "64", "--report", str(path)])
+    assert result.exit_code == 1
+    assert "--force" in result.stderr and "exists already" in result.stderr
+    assert (path.read_bytes(), os.stat(path).st_mtime_ns) == before
+
+
 def test_saved_file_audit_check_onnx_and_force(converted):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")

@@ -114,3 +114,13 @@ def test_mac_counts_see_the_reference_ops():
     assert on_cpu.macs == on_meta.macs > 0
     assert on_cpu.per_module["parc_1_h"] == on_meta.per_module["parc_1_h"] > 0  # the ParC modules ran
     assert blk not in fe._CACHE  # counting never took the folded path
+
+
+def test_reference_forward_context():
+    blk = _block()
+    x = torch.randn(1, 32, 8, 10)
+    with torch.inference_mode(), fe.reference_forward():
+        y = blk(x)
+    assert blk not in fe._CACHE  # the folded path never ran
+    torch.testing.assert_close(y, _reference(blk, x), atol=0, rtol=0)
+    assert _rel(_fast(blk, x), y) < 1e-5  # and it is on again outside the context

@@ -10,9 +10,7 @@ from torch import nn
 def _bottleneck(inplanes: int, planes: int, stride: int = 1) -> Bottleneck:
     down = None
     if stride != 1 or inplanes != planes * 4:
-        down = nn.Sequential(
-            nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4)
-        )
+        down = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4))
     return Bottleneck(inplanes, planes, stride=stride, downsample=down)
 
 

@@ -25,7 +25,9 @@ takes the reference forward, so MAC counts and probes see the published formulat
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 
 import torch
 import torch.fx
@@ -38,10 +40,23 @@ from ..ops import ParC
 from ..ops.functional import _FOLD_PE, prepare, resize_kernel
 from ..ops.parc import _resolve_impl
 
-__all__ = ["fast_forward"]
+__all__ = ["fast_forward", "reference_forward"]
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> {key: (stamp, folded)}
 _CACHE_SIZE = 8
+
+
+_ENABLED = [True]
+
+
+@contextlib.contextmanager
+def reference_forward() -> Iterator[None]:
+    """Within this context every ParC-MetaFormer block runs its reference forward (to compare or to time it)."""
+    _ENABLED.append(False)
+    try:
+        yield
+    finally:
+        _ENABLED.pop()
 
 
 def _global_hooks() -> bool:
@@ -81,7 +96,7 @@ def _scan(block, x) -> tuple | None:
     needs a gradient; the stamp holds each module's type, each BatchNorm's eps and each tensor's identity,
     storage and version counter, so swapping a submodule or editing a weight in place invalidates the cache.
     """
-    if not isinstance(x, torch.Tensor) or isinstance(x, torch.fx.Proxy):
+    if not _ENABLED[-1] or not isinstance(x, torch.Tensor) or isinstance(x, torch.fx.Proxy):
         return None
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting() or _global_hooks():
         return None
