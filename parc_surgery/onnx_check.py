@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ParcSurgeryError, ValidationError
+from .ops.parc import use_impl
 
 __all__ = ["OnnxResult", "check_onnx", "onnx_census"]
 
@@ -142,21 +143,6 @@ def onnx_census(graph_model) -> tuple[dict[str, int], int, tuple[str, ...]]:
     return dict(counts), softmax, tuple(attention)
 
 
-@contextlib.contextmanager
-def _parc_impl(model: nn.Module, impl: str | None):
-    from .ops import ParC
-
-    mods = [m for m in model.modules() if isinstance(m, ParC)] if impl else []
-    old = [m.impl for m in mods]
-    for m in mods:
-        m.impl = impl
-    try:
-        yield
-    finally:
-        for m, o in zip(mods, old):
-            m.impl = o
-
-
 def _export(model: nn.Module, x: torch.Tensor, path: str, *, dynamo: bool, opset: int) -> None:
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
@@ -234,7 +220,7 @@ def check_onnx(
         label = "n/a (no ParC layers)" if not has_parc else "as is" if parc_impl is None else parc_impl
         for exporter in ("dynamo", "legacy"):
             try:
-                with _parc_impl(model, parc_impl):
+                with use_impl(model, parc_impl):
                     _export(model, x, out_path, dynamo=exporter == "dynamo", opset=opset)
                 sess = ort.InferenceSession(out_path, providers=["CPUExecutionProvider"])
                 feed = {sess.get_inputs()[0].name: x.detach().cpu().numpy()}

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .ops import ParC
+from .ops.parc import use_impl
 from .plan import PlannedTarget
 from .probe import _first_tensor, trace_model
 from .report import Check
@@ -68,19 +69,6 @@ def eval_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
             return _first_tensor(model(x))
     except Exception:
         return None
-
-
-@contextlib.contextmanager
-def _impl(model: nn.Module, impl: str):
-    mods = [m for m in model.modules() if isinstance(m, ParC)]
-    old = [m.impl for m in mods]
-    for m in mods:
-        m.impl = impl
-    try:
-        yield
-    finally:
-        for m, o in zip(mods, old):
-            m.impl = o
 
 
 def _tol(rtol: float, dtype: torch.dtype) -> float:
@@ -146,7 +134,7 @@ def validate_model(
             handles.append(mod.register_forward_pre_hook(record))
     try:
         try:  # every ParC on ``spatial``: this forward is also the spatial side of ``spatial_vs_fft``
-            with _eval(new), _impl(new, "spatial"):
+            with _eval(new), use_impl(new, "spatial"):
                 y = _first_tensor(new(x))
             err = ""
         except Exception as e:
@@ -199,7 +187,7 @@ def validate_model(
         checks.append(Check("spatial_vs_fft", y is not None, "n/a: no ParC layers"))
     else:
         ys = y  # the first forward ran every ParC on spatial
-        with _impl(new, "fft"):
+        with use_impl(new, "fft"):
             yf = eval_forward(new, x)
         if ys is None or yf is None:
             checks.append(Check("spatial_vs_fft", False, "a forward failed with one of the impls"))
@@ -218,12 +206,12 @@ def validate_model(
     else:
         # traced in eval mode (branches on ``self.training`` are baked into the graph) and, like ``y``, with
         # every ParC on spatial (an impl a module's forward reads while tracing would be baked in too)
-        with _eval(new), _impl(new, "spatial"):
+        with _eval(new), use_impl(new, "spatial"):
             gm, why = trace_model(new, leaf_types)
         if gm is None:
             checks.append(Check("traced_vs_eager", False, f"the converted model does not trace: {why}"))
         else:
-            with _impl(new, "spatial"):
+            with use_impl(new, "spatial"):
                 yt = eval_forward(gm, x)
             if yt is None or y is None:
                 checks.append(Check("traced_vs_eager", False, "the traced converted model fails to run"))

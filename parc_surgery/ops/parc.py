@@ -16,7 +16,9 @@ one row ("ParC-H").
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.fx
@@ -26,7 +28,13 @@ from torch import nn
 from ..errors import ConfigError
 from .functional import AXES, IMPLS, Axis, Impl, apply_kernel, check_input, prepare, resize_kernel, split_pe
 
-__all__ = ["FFT_MIN_LENGTH", "FFT_MIN_LENGTH_DENSE", "ParC", "choose_impl"]
+__all__ = [
+    "FFT_MIN_LENGTH",
+    "FFT_MIN_LENGTH_DENSE",
+    "ParC",
+    "choose_impl",
+    "use_impl",
+]
 
 # Crossovers for impl="auto": the FFT path is used from these axis lengths up (float32/64).
 # Measured with benchmarks/bench_parc_op.py --crossover --clock cpu (commands and tables in
@@ -273,3 +281,17 @@ class ParC(nn.Module):
             f"{self.channels}, kernel_size={self.kernel_size}, axis={self.axis!r}, pe={self.pe is not None}, "
             f"bias={self.bias is not None}, dense={self.dense}, impl={self.impl!r}"
         )
+
+
+@contextlib.contextmanager
+def use_impl(model: nn.Module, impl: str | None) -> Iterator[None]:
+    """Run every ``ParC`` in ``model`` with ``impl`` inside the context (``None``: leave them as they are)."""
+    mods = [m for m in model.modules() if isinstance(m, ParC)] if impl is not None else []
+    old = [m.impl for m in mods]
+    for m in mods:
+        m.impl = impl
+    try:
+        yield
+    finally:
+        for m, o in zip(mods, old):
+            m.impl = o
