@@ -182,6 +182,10 @@ def onnx_variant(model: nn.Module, x: torch.Tensor, threads: int, tmpdir: str, t
             opts.inter_op_num_threads = 1
             opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # no busy-waiting between runs: spinning onnxruntime threads would steal the cores from the
+            # variants timed after them (and count in their CPU time)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
             sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
             feed = {sess.get_inputs()[0].name: x.numpy()}
             y = torch.from_numpy(sess.run(None, feed)[0])
