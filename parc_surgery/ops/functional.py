@@ -159,6 +159,10 @@ def _apply_spatial(
         dim = _dim(axis)
         xp = torch.cat([x, x.narrow(dim, 0, n - 1)], dim=dim) if n > 1 else x
         return _add(F.conv2d(xp, kernel), offset)
+    # A strided input (a channel slice of a batch, a token sequence viewed as a map) is copied once: the GEMMs
+    # would copy it anyway, and slowly (ViT mixer maps, (1, 192, 14, 14) with channels-last strides: 0.51 ms
+    # per call as given, 0.06 ms contiguous, 0.15 ms through the FFT path, which reads strides natively).
+    x = x.contiguous()
     # (not while tracing: torch.jit / the legacy ONNX exporter does not record ``out=`` writes into a view)
     traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
     if n >= _LONG_LINE and not torch.is_grad_enabled() and x.is_contiguous() and not traced:
