@@ -10,8 +10,7 @@ exactly (to float rounding) what its reference forward computes, rearranged:
   constant part (PEs, BN shifts, ParC biases pushed through the correlations) is one map, computed by
   running the reference mixer on zeros. So: two ParC steps instead of four, no split, no concatenation,
   no BN pass; with ``fft`` along both axes the two steps are one ``rfft2`` round trip (Fast-ParC's fused
-  2-D form);
-  With both steps on ``spatial`` the residual is added by the width step's GEMM (``baddbmm``);
+  2-D form); with both steps on ``spatial`` the residual is added by the width step's GEMM (``baddbmm``);
 * the FFN's pre-norm BatchNorm is folded into its first 1x1 conv and the channel attention's BatchNorms
   into its two 1x1 convs (run as ``linear`` on the pooled vector); dropouts are identities in eval. The
   FFN's 1x1 convs run as batched GEMMs over the flattened map (as a transformer's ``nn.Linear`` does),
@@ -40,7 +39,7 @@ from torch.nn.modules import module as _module
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..ops import ParC
-from ..ops.functional import _FOLD_PE, prepare, resize_kernel
+from ..ops.functional import _FOLD_PE, _SHORT_LINE, prepare, resize_kernel
 from ..ops.parc import _resolve_impl
 
 __all__ = ["fast_forward", "reference_forward"]
@@ -216,9 +215,10 @@ def _apply(x: torch.Tensor, kernel: torch.Tensor, axis: str, impl: str) -> torch
 
 def _spatial_mixer(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor) -> torch.Tensor:
     """``x + W(H(x))`` with both ParC steps as circulant GEMMs per image, the residual added by the width
-    GEMM itself (``baddbmm``): one pass over the map fewer than correlating and adding apart (measured 4-14 %
-    faster for the token mixer at ParC-Net-S's shapes, batch 1 and 8, except 8x8 maps at batch 8, where
-    :func:`~parc_surgery.ops.functional.apply_kernel`'s one GEMM per channel over the batch wins)."""
+    GEMM itself (``baddbmm``): one pass over the map fewer than correlating and adding apart (measured 1-14 %
+    faster for the token mixer at ParC-Net-S's shapes, batch 1 and 8, except lines of at most
+    ``_SHORT_LINE`` at batch > 1, where :func:`~parc_surgery.ops.functional.apply_kernel`'s one GEMM per
+    channel over the batch wins: 8x8 maps at batch 8, 0.38 vs 0.31 ms)."""
     z = torch.empty_like(x)
     for i in range(x.shape[0]):
         torch.baddbmm(x[i], torch.bmm(kh, x[i]), kw, out=z[i])  # (C, H, H) @ (C, H, W), then @ (C, W, W)
@@ -245,7 +245,11 @@ def fast_forward(block, x: torch.Tensor) -> torch.Tensor | None:
     if "spec2" in f:
         h, w = x.shape[2], x.shape[3]
         z = torch.fft.irfft2(torch.fft.rfft2(x).mul_(f["spec2"]), s=(h, w)).add_(x)
-    elif f["impl_h"] == f["impl_w"] == "spatial" and x.is_contiguous() and (x.shape[0] == 1 or min(x.shape[2:]) > 8):
+    elif (
+        f["impl_h"] == f["impl_w"] == "spatial"
+        and x.is_contiguous()
+        and (x.shape[0] == 1 or min(x.shape[2:]) > _SHORT_LINE)
+    ):
         z = _spatial_mixer(x, f["kh"], f["kw"])
     else:
         z = _apply(_apply(x, f["kh"], "height", f["impl_h"]), f["kw"], "width", f["impl_w"]).add_(x)

@@ -165,7 +165,7 @@ def _apply_spatial(
     x = x.contiguous()
     # (not while tracing: torch.jit / the legacy ONNX exporter does not record ``out=`` writes into a view)
     traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
-    if n >= _LONG_LINE and not torch.is_grad_enabled() and x.is_contiguous() and not traced:
+    if n >= _LONG_LINE and not torch.is_grad_enabled() and not traced:
         y = torch.empty_like(x)
         for i in range(b):
             if height:
