@@ -26,6 +26,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import TraceError
+from .inputs import get_in_chans
+from .train_flags import eval_mode
 
 __all__ = ["CallRecord", "ProbeResult", "example_input", "probe_model", "trace_model"]
 
@@ -137,31 +139,16 @@ def example_input(model: nn.Module, input_size: tuple[int, int], *, batch: int =
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     if in_chans is None:
-        in_chans = get_in_chans(model)
+        in_chans = get_in_chans(model, default=3)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, in_chans, *input_size, generator=g, dtype=torch.float32)
     return x.to(device=device, dtype=dtype)
 
 
-def get_in_chans(model: nn.Module) -> int:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if size and len(size) == 3:
-        return int(size[0])
-    if isinstance(getattr(model, "in_chans", None), int):
-        return model.in_chans
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-        if isinstance(m, nn.Linear):
-            break
-    return 3
-
-
 def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
     """Run ``model(x)`` once in eval mode without grad, recording shapes, call order and attention ops.
 
-    The model's training flag is restored afterwards; nothing else about it changes.
+    Every module's training flag is restored afterwards; nothing else about the model changes.
     """
     calls: dict[str, CallRecord] = {}
     aliases: dict[int, list[str]] = {}
@@ -201,7 +188,6 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
         seen.add(id(mod))
         handles.append(mod.register_forward_pre_hook(pre(name), with_kwargs=True))
         handles.append(mod.register_forward_hook(post(name)))
-    was_training = model.training
     transparent = frozenset(
         name
         for name, mod in model.named_modules()
@@ -209,8 +195,7 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
     )
     recorder = _OpRecorder(stack, transparent)
     try:
-        model.eval()
-        with torch.no_grad(), recorder:
+        with eval_mode(model), torch.no_grad(), recorder:
             out = model(x)
     except Exception as e:  # the model's own failure at this size
         hint = (
@@ -223,7 +208,6 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     t = _first_tensor(out)
     owners = _attention_owners(recorder.ops)
     attention = tuple(n for n in owners if _keeps_layout(calls[n]))

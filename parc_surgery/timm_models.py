@@ -28,6 +28,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from .errors import ConfigError
+from .inputs import get_in_chans
 
 __all__: list[str] = []  # timm's register_model appends every registered name
 
@@ -105,7 +106,7 @@ def _create(
     out = conv.model
     cfg = dict(getattr(out, "pretrained_cfg", None) or {})
     h, w = conv.plan.input_size
-    in_chans = cfg.get("input_size", (3,))[0] if cfg.get("input_size") else 3
+    in_chans = get_in_chans(out)
     cfg.update(
         architecture=name,
         tag=None,
