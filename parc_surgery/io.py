@@ -501,5 +501,9 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.M
     The outputs equal those of the saved model exactly. Raises :class:`CheckpointError` for a missing,
     truncated, corrupt or tampered file, a safetensors file not written by parc-surgery, or one whose
     recorded conversion no longer rebuilds the same architecture.
+    The official ParC-Net-S weights (hkzhang91/ParC-Net state dict) load as ``parcnet_s``: :mod:`.official`.
     """
-    return load_conversion(path, device=device)[0]
+    from .official import load_official
+
+    official = load_official(path, device=device)
+    return official if official is not None else load_conversion(path, device=device)[0]
