@@ -53,6 +53,13 @@ def test_builds_on_meta_with_parc_layers(name):
         assert abs(n - PUBLISHED_PARAMS[name]) / PUBLISHED_PARAMS[name] < 1e-3, (name, n)
 
 
+def test_created_model_is_in_train_mode_throughout():
+    # timm returns models in train mode; the conversion's eval-mode probe must not leave any module in eval
+    model = timm.create_model("parc_mobilevit_xxs", num_classes=3)
+    assert all(m.training for m in model.modules())
+    assert model.eval() is model and not any(m.training for m in model.modules())
+
+
 def test_parcnet_s_is_fewer_params_than_mobilevit_s():
     base = sum(p.numel() for p in _meta("mobilevit_s").parameters())
     parc = sum(p.numel() for p in _meta("parcnet_s").parameters())
