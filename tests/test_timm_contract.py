@@ -19,7 +19,7 @@ import pytest
 import timm
 import torch
 from timm.layers import get_channel_dim, get_spatial_dim
-from timm.models import get_notrace_functions, get_notrace_modules
+from timm.models import get_notrace_functions, get_notrace_modules, get_pretrained_cfg_value
 from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor, get_graph_node_names
 
 import parc_surgery  # noqa: F401  (registers the models)
@@ -42,6 +42,16 @@ def test_every_published_model_is_covered():
         "parc_convnext_xt",
         "parc_deit_tiny_patch16_224",
     }
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_registered_cfg_matches_the_model(name):
+    """timm's tests size inputs from the registry (``get_pretrained_cfg_value``), so it must tell the truth."""
+    model = create(name)
+    for key in ("input_size", "pool_size", "first_conv", "classifier", "fixed_input_size", "mean", "std"):
+        assert get_pretrained_cfg_value(name, key) == model.pretrained_cfg.get(key), key
+    assert (model.pretrained_cfg["pool_size"] is None) == (name not in CONV)
+    assert bool(get_pretrained_cfg_value(name, "fixed_input_size")) == (name not in CONV)
 
 
 @functools.cache
