@@ -95,7 +95,8 @@ def _source_model(manifest: dict, *, meta: bool, where: str) -> nn.Module:
     if src.kind == "module":
         raise CheckpointError(
             f"{where}: the model's source was not recorded (class {src.name}): load it with "
-            "parc_surgery.load(path, model=<your unconverted model>) (CLI: --model package.module:function)"
+            "parc_surgery.load(path, model=<your unconverted model>) (CLI: --model package.module:function), or "
+            "save it with source= naming where it came from (e.g. source='torchvision:resnet18') to rebuild it alone"
         )
     try:
         return create_model(src, meta=meta)

@@ -165,6 +165,28 @@ def saved_builder(workdir):
     return ps.save(conv, workdir / "builder.safetensors")
 
 
+def test_sources_found_from_the_model_or_given(tmp_path):
+    from torchvision.models import resnet18
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    hf = ConvNextForImageClassification(ConvNextConfig(**CONVNEXT_ARGS))  # made directly, not by create_model
+    conv = ps.convert(hf, "convstage2parc", input_size=SIZE, validate=False, count=False)
+    path = ps.save(conv, tmp_path / "hf.safetensors")
+    recorded = ps.read_manifest(path)["model"]
+    assert recorded["kind"] == "transformers" and recorded["config"]["hidden_sizes"] == CONVNEXT_ARGS["hidden_sizes"]
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(logits(ps.load(path)(x)), logits(conv.model.eval()(x)))
+
+    conv = ps.convert(resnet18(num_classes=10), "resnet_parc", input_size=SIZE, validate=False, count=False)
+    unknown = ps.save(conv, tmp_path / "tv.safetensors")  # a plain torchvision class: origin unknown
+    with pytest.raises(CheckpointError, match=r"class torchvision\.models\.resnet\.ResNet.*source='torchvision"):
+        ps.load(unknown)
+    given = ps.save(conv, tmp_path / "tv2.safetensors", source="torchvision:resnet18", model_args={"num_classes": 10})
+    with torch.no_grad():
+        assert torch.equal(ps.load(given)(x), conv.model.eval()(x))
+
+
 def test_load_onto_the_wrong_model_names_the_tensors(saved_builder):
     path = saved_builder
     with pytest.raises(CheckpointError, match=r"head\.2\.weight \(file \[5, 16\], model \[7, 16\]\)"):
