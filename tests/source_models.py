@@ -4,11 +4,17 @@
   ``save_pretrained``;
 - a user package ``userzoo`` with a builder function ``userzoo.nets:tiny_net`` returning the user's own
   class (torchvision BasicBlocks inside), written as source files into a directory.
+
+Also :func:`edit_manifest`, which rewrites a checkpoint's manifest the way a tamperer would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
+import os
+import struct
 import sys
 from pathlib import Path
 
@@ -76,3 +82,31 @@ def write_transformers_dir(directory: Path, *, weights: bool = True) -> Path:
 def logits(out) -> torch.Tensor:
     """A model's output tensor (a transformers model returns a ModelOutput)."""
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@contextlib.contextmanager
+def source_workdir(directory: Path):
+    """``directory`` holding ``userzoo`` and ``tiny_convnext/`` (a transformers directory), as the current one."""
+    write_user_package(directory)
+    write_transformers_dir(directory / "tiny_convnext")
+    old = os.getcwd()
+    os.chdir(directory)
+    try:
+        yield directory
+    finally:
+        os.chdir(old)
+        forget_user_package()
+
+
+def edit_manifest(src: Path, dst: Path, edit) -> None:
+    """Copy the checkpoint ``src`` to ``dst`` with ``edit(manifest)`` applied to its manifest (tensors untouched)."""
+    from parc_surgery.manifest import MANIFEST_KEY
+
+    raw = src.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + n])
+    manifest = json.loads(header["__metadata__"][MANIFEST_KEY])
+    edit(manifest)
+    header["__metadata__"][MANIFEST_KEY] = json.dumps(manifest)
+    text = json.dumps(header).encode()
+    dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])

@@ -13,6 +13,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from source_models import edit_manifest
 from torch import nn
 
 from parc_surgery import api
@@ -59,14 +60,6 @@ def _header(path):
 def _write_with_header(path, header, data):
     text = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
-
-
-def _rewrite_manifest(src, dst, edit):
-    header, data = _header(src)
-    manifest = json.loads(header["__metadata__"][ckpt.MANIFEST_KEY])
-    edit(manifest)
-    header["__metadata__"][ckpt.MANIFEST_KEY] = json.dumps(manifest)
-    _write_with_header(dst, header, data)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -262,7 +255,7 @@ def test_format_1_files_still_load(saved, tmp_path, x):
         m["model"] = {"name": m["model"]["name"], "args": m["model"]["args"]}
         del m["model_class"]
 
-    _rewrite_manifest(saved, old, to_v1)
+    edit_manifest(saved, old, to_v1)
     assert torch.equal(_out(ckpt.load(old), x), _out(ckpt.load(saved), x))
 
 
@@ -293,7 +286,7 @@ def test_tampered_plan_is_detected(saved, tmp_path):
     def edit(m):
         m["steps"][0]["plan"]["targets"][0]["name"] = "layer2.1"
 
-    _rewrite_manifest(saved, bad, edit)
+    edit_manifest(saved, bad, edit)
     with pytest.raises(CheckpointError, match="different plan"):
         ckpt.load(bad)
 
@@ -310,14 +303,14 @@ def test_tampered_tensor_list_is_detected(saved, tmp_path):
 
 def test_newer_manifest_version_is_refused(saved, tmp_path):
     bad = tmp_path / "new.safetensors"
-    _rewrite_manifest(saved, bad, lambda m: m.update(format_version=ckpt.MANIFEST_VERSION + 1))
+    edit_manifest(saved, bad, lambda m: m.update(format_version=ckpt.MANIFEST_VERSION + 1))
     with pytest.raises(CheckpointError, match="newer parc-surgery"):
         ckpt.read_manifest(bad)
 
 
 def test_unknown_model_in_manifest(saved, tmp_path):
     bad = tmp_path / "model.safetensors"
-    _rewrite_manifest(saved, bad, lambda m: m["model"].update(name="no_such_model_xyz"))
+    edit_manifest(saved, bad, lambda m: m["model"].update(name="no_such_model_xyz"))
     with pytest.raises(CheckpointError, match="unknown timm model 'no_such_model_xyz'"):
         ckpt.load(bad)
 

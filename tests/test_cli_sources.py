@@ -15,10 +15,8 @@ from source_models import (
     BUILDER,
     BUILDER_ARGS,
     CONVNEXT_ARGS,
-    forget_user_package,
     logits,
-    write_transformers_dir,
-    write_user_package,
+    source_workdir,
 )
 
 import parc_surgery as ps
@@ -43,16 +41,9 @@ FORMS = {  # id: (MODEL, args, rule)
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli_sources")
-    write_user_package(d)
-    write_transformers_dir(d / "tiny_convnext")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(d)
-    try:
+    """A current directory holding the user package and a transformers model directory."""
+    with source_workdir(tmp_path_factory.mktemp("sources")) as d:
         yield d
-    finally:
-        mp.undo()
-        forget_user_package()
 
 
 def run(args: list[str]):

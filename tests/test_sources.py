@@ -6,8 +6,6 @@ an importable module.
 
 from __future__ import annotations
 
-import json
-import struct
 import sys
 
 import pytest
@@ -16,14 +14,13 @@ from source_models import (
     BUILDER,
     BUILDER_ARGS,
     CONVNEXT_ARGS,
-    forget_user_package,
+    edit_manifest,
     logits,
+    source_workdir,
     write_transformers_dir,
-    write_user_package,
 )
 
 import parc_surgery as ps
-from parc_surgery import checkpoint as ckpt
 from parc_surgery.errors import CheckpointError, ConfigError
 from parc_surgery.sources import create_model, get_source, list_source_forms, source_of_model
 
@@ -33,16 +30,8 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A current directory holding the user package and a transformers model directory."""
-    d = tmp_path_factory.mktemp("sources")
-    write_user_package(d)
-    write_transformers_dir(d / "tiny_convnext")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(d)
-    try:
+    with source_workdir(tmp_path_factory.mktemp("sources")) as d:
         yield d
-    finally:
-        mp.undo()
-        forget_user_package()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -207,17 +196,6 @@ def build(**kwargs):
 """
 
 
-def _edit_manifest(src, dst, edit) -> None:
-    raw = src.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + n])
-    manifest = json.loads(header["__metadata__"][ckpt.MANIFEST_KEY])
-    edit(manifest)
-    header["__metadata__"][ckpt.MANIFEST_KEY] = json.dumps(manifest)
-    text = json.dumps(header).encode()
-    dst.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
-
-
 @pytest.mark.parametrize(
     ("model", "message"),
     [
@@ -235,7 +213,7 @@ def test_a_tampered_manifest_never_imports_code(saved_builder, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))  # importable on purpose: only the loader's restraint keeps it out
     bad = tmp_path / "bad.safetensors"
-    _edit_manifest(good, bad, lambda m: m.update(model=model))
+    edit_manifest(good, bad, lambda m: m.update(model=model))
     with pytest.raises(CheckpointError, match=message):
         ps.load(bad)
     assert not (tmp_path / "MARKER").exists() and "evil_mod" not in sys.modules
