@@ -174,17 +174,28 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module | None 
     return official_to_timm(state_dict) if is_official_state_dict(state_dict) else state_dict
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The tensors of a safetensors file or a ``torch.save`` state dict (``weights_only=True``); None otherwise."""
+def read_state_dict(path: str | os.PathLike, *, official_only: bool = False) -> dict[str, Any] | None:
+    """The tensors of a safetensors file or a ``torch.save`` state dict (``weights_only=True``); None otherwise.
+
+    ``official_only``: None for a safetensors file whose names are not the official layout, read from its header
+    alone (a parc-surgery file is not read twice).
+    """
     path = Path(path)
     if not path.is_file():
         return None
     try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+    except Exception:
+        names = None  # not safetensors: a pickle from torch.save, read without running any code
+    if names is not None:
+        if official_only and not is_official_state_dict(dict.fromkeys(names)):
+            return None
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    except Exception:
-        pass  # not safetensors: a pickle from torch.save, read without running any code
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -195,7 +206,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def load_official(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module | None:
     """``parcnet_s`` with the official ParC-Net-S weights of ``path``, in eval mode; None if ``path`` is not one."""
-    sd = read_state_dict(path)
+    sd = read_state_dict(path, official_only=True)
     if sd is None or not is_official_state_dict(sd):
         return None
     import timm
