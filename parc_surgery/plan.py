@@ -19,6 +19,7 @@ from .blocks import BlockContext, get_block_spec
 from .errors import ParcSurgeryError, UnsupportedTargetError
 from .match import Selection, TargetCandidates, TargetDiagnostic
 from .probe import ProbeResult
+from .residual import find_residual
 from .rule import Rule
 from .stages import Stage
 
@@ -64,6 +65,7 @@ class PlannedTarget:
             "impl": c.impl,
             "init": c.init,
             "width_mult": c.width_mult,
+            "residual": c.residual.describe() if c.residual is not None else None,
             "options": {k: v for k, v in c.options.items() if isinstance(v, (int, float, str, bool, type(None)))},
         }
 
@@ -145,9 +147,14 @@ def _channels_last(module: nn.Module, shape: tuple[int, ...]) -> bool:
 def _context(
     model: nn.Module, rule: Rule, probe: ProbeResult, sel: Selection, *, pe: bool, impl: str | None, init: str | None
 ) -> BlockContext:
-    opts = rule.targets[sel.target_index].options
+    target = rule.targets[sel.target_index]
+    opts = target.options
     rec = probe.calls[sel.name]
-    feat, tokens = _feature_size(model, rec.in_shape, model.get_submodule(sel.name))
+    mod = model.get_submodule(sel.name)
+    feat, tokens = _feature_size(model, rec.in_shape, mod)
+    residual = None
+    if get_block_spec(target.block).uses_residual and not isinstance(mod, nn.Conv2d):
+        residual = find_residual(mod)  # the block's fx graph, read once per target
     return BlockContext(
         feature_size=feat,
         kernel_size=None if opts.kernel_size == "auto" else tuple(opts.kernel_size),
@@ -158,6 +165,7 @@ def _context(
         options=dict(opts.block_options),
         source_in_shape=rec.in_shape,
         source_out_shape=rec.out_shape,
+        residual=residual,
         **tokens,
     )
 

@@ -105,6 +105,21 @@ def _child(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] |
     return None
 
 
+# children that make a module a whole transformer block rather than an attention: not attention, never dropped
+_BLOCK_PARTS = ("mlp", "ffn", "feed_forward", "fc1", "fc2", "norm1", "norm2", "ls1", "ls2")
+
+
+def _attention_tensors(module: nn.Module, carry: CarryBuilder) -> list[str]:
+    """The tensors of ``module`` a ParCMixer drops: all but those carried and those of transformer-block parts.
+
+    A module that runs attention inline together with its MLP (a whole ViT block) keeps its MLP / norm children
+    out of the record, so the conversion's ``preserved`` check names them instead of losing them silently.
+    """
+    used = {o for _, o in carry.kept} | {o for _, olds, _ in carry.transformed for o in olds}
+    parts = tuple(f"{n}." for n, _ in module.named_children() if n in _BLOCK_PARTS)
+    return [n for n in module.state_dict(keep_vars=True) if n not in used and not n.startswith(parts)]
+
+
 def infer_layout(module: nn.Module, in_shape) -> str:
     """``tokens`` / ``nchw`` / ``nhwc`` for a module run on ``in_shape``, or raise :class:`UnsupportedTargetError`.
 
@@ -454,6 +469,7 @@ class ParCMixer(ReplacementBlock):
             _carry_matrix(carry, "proj", prefix, p)
             if p.bias is not None:
                 block.proj.bias.copy_(p.bias)
+        carry.drop(*_attention_tensors(module, carry))
         return block, carry.finish(block, module)
 
     def extra_repr(self) -> str:

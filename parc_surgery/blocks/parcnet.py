@@ -175,7 +175,8 @@ class ParCNetBlock(ReplacementBlock):
                 f"ParC-Net fuses cat(global, input)",
             )
             carry.copy(block.conv_fusion.bn, "conv_fusion.bn.", module.conv_fusion.bn, "conv_fusion.bn.")
-        return block, carry.finish(block, module)
+        # the whole MobileViT block is replaced by design: what has no counterpart is dropped (transformer, ...)
+        return block, carry.finish(block, module, drop_unused=True)
 
 
 def _width_mult(ctx: BlockContext) -> float:

@@ -298,7 +298,8 @@ class ParCTokenMixer(ReplacementBlock):
         if module.gate is not None:
             block.gate = copy.deepcopy(module.gate)
             carry.copy(block.gate, "gate.", module.gate, "gate.")
-        return block, carry.finish(block, module)
+        # every part of timm's Attention is attention: what is not carried (q / k rows, q_norm, k_norm) is dropped
+        return block, carry.finish(block, module, drop_unused=True)
 
     @classmethod
     def attach(cls, model: nn.Module, placements: list[tuple[str, nn.Module]]) -> None:
