@@ -176,3 +176,24 @@ def test_conv_blocks_keep_every_other_tensor_bit_identical():
     assert set(old) - set(new) == {"stages.s3.1.conv2.weight"}
     assert all(torch.equal(old[k], new[k]) for k in old if k != "stages.s3.1.conv2.weight")
     assert type(conv.model.stages["s3"][1]) is type(model.stages["s3"][1])  # the source's class, not the block's
+
+
+def test_a_conv_subclass_s_own_parameters_are_declared_dropped():
+    """timm's ScaledStdConv2d (NFNets) has a gain beyond weight / bias: the swap declares it dropped."""
+    from timm.layers import ScaledStdConv2d
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = ScaledStdConv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return x + self.conv(x)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), Block(), Block()).eval()
+    rule = {"version": 1, "name": "t", "targets": [{"block": "parc_conv", "select": {"name": "2"}}]}
+    conv = ps.convert(model, rule, input_size=16)
+    rec = conv.carry["2"]
+    assert rec.dropped == ("conv.gain",)
+    assert {o for _, olds, _ in rec.transformed for o in olds} == {"conv.weight", "conv.bias"}
+    assert _checks(conv)["preserved"].passed and conv.report.passed

@@ -103,6 +103,8 @@ def swap_conv(source: nn.Module, path: str, ctx: BlockContext, *, dense: bool | 
     ``source`` is never mutated. Returns the copy (the ParCSplit itself when ``path`` is ``""``) and its carry
     record: every other parameter kept under its own name, the conv folded (``warm_start``: ``transformed``)
     or ``dropped`` (``reference``); the position embeddings (and the biases of a bias-free conv) are ``new``.
+    Parameters of a conv subclass beyond weight / bias (timm's ``ScaledStdConv2d`` gain) are ``dropped``: the
+    fold reads the raw kernel, not the kernel its own forward computes from them.
     """
     conv = source.get_submodule(path) if path else source
     grouped = 1 < conv.groups < conv.out_channels
@@ -128,6 +130,9 @@ def swap_conv(source: nn.Module, path: str, ctx: BlockContext, *, dense: bool | 
             builder.kept.append((name, name))  # deep-copied, bit-identical
     if ctx.init == "warm_start":
         _split_carry(builder, prefix, conv, split, grouped)
+        # a conv subclass's own parameters (timm ScaledStdConv2d's weight-standardisation gain) have no ParC
+        # counterpart: the fold reads the raw kernel, and they are declared dropped
+        builder.drop(*(f"{prefix}{n}" for n, _ in conv.named_parameters() if n not in ("weight", "bias")))
     else:
         builder.drop(*(f"{prefix}{n}" for n, _ in conv.named_parameters()))
     return twin, builder.finish(twin, source)
