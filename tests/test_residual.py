@@ -11,6 +11,8 @@ import torchvision
 from corpus_convnets import Bottleneck, HelperBlock, InvertedResidual, ResBlock
 from torch import nn
 
+from parc_surgery.blocks import BlockContext, get_block
+from parc_surgery.errors import UnsupportedTargetError
 from parc_surgery.residual import find_residual
 
 tv = torchvision.models
@@ -134,3 +136,23 @@ def test_what_is_not_one_residual_conv_says_why(case):
     form = find_residual(build())
     assert form.conv is None
     assert re.search(why, form.problem), form.problem
+
+
+@pytest.mark.parametrize(
+    ("build", "why"),
+    [
+        (_DataDependent, r"it has 2 spatial convs \(a, b\) and its forward does not trace with torch\.fx"),
+        (_TwoUnits, r"it has 2 spatial convs \(a, b\) and 2 residual adds with spatial convs"),
+    ],
+)
+def test_parc_conv_refuses_with_the_form_found(build, why):
+    module = build()
+    with pytest.raises(UnsupportedTargetError, match=why) as e:
+        get_block("parc_conv").check_source(module, BlockContext((8, 8)))
+    assert str(e.value).startswith(f"parc_conv: cannot replace {type(module).__module__}.")
+
+
+def test_parc_conv_takes_a_selected_conv_itself_but_not_a_1x1():
+    get_block("parc_conv").check_source(ResBlock(8, 8).conv1, BlockContext((8, 8)))
+    with pytest.raises(UnsupportedTargetError, match="1x1 conv"):
+        get_block("parc_conv").check_source(nn.Conv2d(8, 8, 1), BlockContext((8, 8)))
