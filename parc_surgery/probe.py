@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
@@ -73,6 +74,7 @@ class ProbeResult:
     aliases: dict[str, tuple[str, ...]]  # name -> every qualified name of the same module object
     output: torch.Tensor | None = None  # the (first tensor of the) model output
     other_attention: tuple[str, ...] = ()  # attention that is no token mixer (pooling, class / cross attention)
+    raw_output: Any = None  # the model output as returned (a tensor, tuple, dict or ModelOutput)
 
     def called(self, name: str) -> bool:
         rec = self.calls.get(name)
@@ -217,7 +219,9 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
         for n in names:
             alias_map[n] = tuple(names)
     # records under the canonical (first) name only; expose aliases separately
-    return ProbeResult(tuple(x.shape), tuple(t.shape) if t is not None else None, calls, attention, alias_map, t, other)
+    return ProbeResult(
+        tuple(x.shape), tuple(t.shape) if t is not None else None, calls, attention, alias_map, t, other, out
+    )
 
 
 def _keeps_layout(rec: CallRecord) -> bool:

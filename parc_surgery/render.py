@@ -72,6 +72,7 @@ def plan_table(plan):
 def candidate_tables(c) -> list:
     """Stages, replaceable blocks, attention token mixers and (with a rule) its selection, of ``list_candidates``."""
     from rich.table import Table
+    from rich.text import Text
 
     h, w = c.input_size
     stages = Table(title=f"{c.model} @ {h}x{w}: stages (fx trace: {c.traced_text})")
@@ -102,6 +103,13 @@ def candidate_tables(c) -> list:
         if c.diagnostics:
             sel.caption = "\n".join(d.describe() for d in c.diagnostics)
         out.append(sel)
+        if c.refused:  # what the rule selected but a block cannot replace, and why
+            ref = Table(title=f"Selected but not replaceable ({len(c.refused)})")
+            for col in ("module", "block", "outcome", "why"):
+                ref.add_column(col)
+            for x in c.refused:
+                ref.add_row(Text(x.name), Text(x.block), "left out" if x.lenient else "error", Text(x.reason))
+            out.append(ref)
     return out
 
 

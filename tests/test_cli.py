@@ -61,7 +61,7 @@ def test_success_prints_plan_and_audit_and_writes_files(converted):
     result, d, conv = converted
     assert result.exit_code == 0, result.output
     assert "Plan: resnet18 with resnet_parc @ 64x64" in result.stdout
-    assert "layer3.1" in result.stdout and "Checks (6/6 passed)" in result.stdout
+    assert "layer3.1" in result.stdout and "Checks (8/8 passed)" in result.stdout
     assert "wrote model" in result.stderr and "wrote report" in result.stderr
     report = json.loads((d / "r.json").read_text())
     assert report["passed"] is True and report["model"] == "resnet18" and report["input_size"] == [64, 64]
@@ -288,7 +288,7 @@ def test_as_a_real_process_every_exit_code(tmp_path):
     )
     code, stdout, stderr = res["ok"]
     assert code == 0, stderr
-    assert "Checks (6/6 passed)" in stdout and "\x1b[" not in stdout  # no colour codes in a pipe
+    assert "Checks (8/8 passed)" in stdout and "\x1b[" not in stdout  # no colour codes in a pipe
     model = ckpt.load(tmp_path / "m.safetensors")
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 48)).shape == (1, 1000)

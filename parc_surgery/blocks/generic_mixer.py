@@ -3,7 +3,7 @@
 timm's plain ViT ``Attention`` has its own block (:mod:`parc_surgery.blocks.vit_mixer`); every other
 attention token mixer (windowed attention, relative-position attention, talking heads, cross-covariance,
 the 4-D ``Attention2d`` mixers, ...) is replaced by :class:`ParCMixer`, built from the module's recorded
-input / output shapes (``BlockContext.options["source_in_shape"]`` / ``["source_out_shape"]``) and from
+input / output shapes (``BlockContext.source_in_shape`` / ``source_out_shape``) and from
 the projections it can recognise by name. Three layouts are supported:
 
 * ``tokens``: ``(B, N, C) -> (B, N, C')``, ``N = p + H * W`` (``p`` prefix tokens, e.g. a class token);
@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedTargetError
 from ..ops import ParC
 from ._carry import CarryBuilder, CarryRecord
-from ._registry import BlockContext, register_block
+from ._registry import BlockContext, ReplacementBlock, register_block
 from .metaformer import _kernel_pair
 from .vit_mixer import factor_grid
 
@@ -103,6 +103,21 @@ def _child(module: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] |
         if isinstance(m, nn.Module) and _projection(m) is not None:
             return n, m
     return None
+
+
+# children that make a module a whole transformer block rather than an attention: not attention, never dropped
+_BLOCK_PARTS = ("mlp", "ffn", "feed_forward", "fc1", "fc2", "norm1", "norm2", "ls1", "ls2")
+
+
+def _attention_tensors(module: nn.Module, carry: CarryBuilder) -> list[str]:
+    """The tensors of ``module`` a ParCMixer drops: all but those carried and those of transformer-block parts.
+
+    A module that runs attention inline together with its MLP (a whole ViT block) keeps its MLP / norm children
+    out of the record, so the conversion's ``preserved`` check names them instead of losing them silently.
+    """
+    used = {o for _, o in carry.kept} | {o for _, olds, _ in carry.transformed for o in olds}
+    parts = tuple(f"{n}." for n, _ in module.named_children() if n in _BLOCK_PARTS)
+    return [n for n in module.state_dict(keep_vars=True) if n not in used and not n.startswith(parts)]
 
 
 def infer_layout(module: nn.Module, in_shape) -> str:
@@ -216,7 +231,7 @@ for _fn in (_to_tokens, _grid, _tokens_to_map, _join_prefix, _from_tokens):
 
 
 @register_block("parc_mixer")
-class ParCMixer(nn.Module):
+class ParCMixer(ReplacementBlock):
     """Generic ParC token mixer: input projection, two ParC halves with PE, output projection.
 
     With ``x`` in its layout (see the module docstring) as channel-last tokens ``t`` of width ``C``::
@@ -309,8 +324,8 @@ class ParCMixer(nn.Module):
     def _source_dims(cls, module: nn.Module, ctx: BlockContext) -> dict:
         """Layout, widths and the carriable projections of ``module``; raises UnsupportedTargetError."""
         what = f"{type(module).__module__}.{type(module).__qualname__}"
-        in_shape = ctx.options.get("source_in_shape")
-        out_shape = ctx.options.get("source_out_shape")
+        in_shape = ctx.source_in_shape
+        out_shape = ctx.source_out_shape
         if in_shape is None or out_shape is None:
             raise UnsupportedTargetError(
                 f"parc_mixer: no recorded input / output shape for the {what} (it did not run with one tensor in "
@@ -409,7 +424,7 @@ class ParCMixer(nn.Module):
             layout=info["layout"],
             base_grid=grid,
             dim_out=info["c_out"],
-            num_prefix_tokens=int(ctx.options.get("num_prefix_tokens") or 0),
+            num_prefix_tokens=int(ctx.options.get("num_prefix_tokens", ctx.num_prefix_tokens) or 0),
             pe=ctx.pe,
             v_bias=v_bias,
             proj_bias=proj_bias,
@@ -454,6 +469,7 @@ class ParCMixer(nn.Module):
             _carry_matrix(carry, "proj", prefix, p)
             if p.bias is not None:
                 block.proj.bias.copy_(p.bias)
+        carry.drop(*_attention_tensors(module, carry))
         return block, carry.finish(block, module)
 
     def extra_repr(self) -> str:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import UnsupportedTargetError
 from ._carry import CarryBuilder, CarryRecord
-from ._registry import BlockContext, register_block
+from ._registry import BlockContext, ReplacementBlock, register_block
 from .metaformer import ParCMetaFormerBlock, _kernel_pair, init_conv_fan_out
 
 __all__ = ["ParCNetBlock"]
@@ -24,7 +24,7 @@ DEFAULT_WIDTH_MULT = 4 / 3  # ParC-Net-S global widths relative to MobileViT-S's
 
 
 @register_block("parcnet")
-class ParCNetBlock(nn.Module):
+class ParCNetBlock(ReplacementBlock):
     """ParC-Net block: local convs, ParC-MetaFormer blocks, projection back and fusion with the input.
 
     For input channels ``c_in``, output channels ``c`` and global width ``D``::
@@ -175,7 +175,8 @@ class ParCNetBlock(nn.Module):
                 f"ParC-Net fuses cat(global, input)",
             )
             carry.copy(block.conv_fusion.bn, "conv_fusion.bn.", module.conv_fusion.bn, "conv_fusion.bn.")
-        return block, carry.finish(block, module)
+        # the whole MobileViT block is replaced by design: what has no counterpart is dropped (transformer, ...)
+        return block, carry.finish(block, module, drop_unused=True)
 
 
 def _width_mult(ctx: BlockContext) -> float:

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ConfigError, UnsupportedTargetError
 from ..ops import ParC
 from ._carry import CarryBuilder, CarryRecord
-from ._registry import BlockContext, register_block
+from ._registry import BlockContext, ReplacementBlock, register_block
 from .metaformer import _kernel_pair
 
 __all__ = ["ParCTokenMixer", "factor_grid"]
@@ -136,7 +136,7 @@ class _GridRecorder:
 
 
 @register_block("parc_token_mixer")
-class ParCTokenMixer(nn.Module):
+class ParCTokenMixer(ReplacementBlock):
     """ParC token mixer for (B, N, C) token sequences: a drop-in for timm's ViT ``Attention``.
 
     With ``p`` prefix tokens (class / register / distillation) followed by ``H * W`` patch tokens::
@@ -236,7 +236,7 @@ class ParCTokenMixer(nn.Module):
                 f"parc_token_mixer replaces timm.layers.Attention (plain ViT / DeiT self-attention), not "
                 f"{type(module).__module__}.{type(module).__name__}"
             )
-        if ctx.options.get("patch_grid") is False:  # the engine found no patch embedding grid for these tokens
+        if ctx.patch_grid is False:  # the engine found no patch embedding grid for these tokens
             raise UnsupportedTargetError(
                 "parc_token_mixer: the tokens are not on the model's patch-embedding grid (pooled / hierarchical / "
                 "unfolded tokens), which it records its grid from; use parc_mixer"
@@ -260,7 +260,8 @@ class ParCTokenMixer(nn.Module):
         ``ctx.init``: attention has no kernel to fold into ParC, so kernels get the reference init
         U(-1/sqrt(K), 1/sqrt(K)) either way; PEs start at zero for ``warm_start`` and trunc-normal (std 0.02,
         as in ParC-ConvNets) for ``reference``. ``ctx.feature_size`` is the patch grid at the model's input
-        size; ``ctx.options["num_prefix_tokens"]`` may preset the prefix count (``attach`` sets it anyway).
+        size; the rule's ``block_options: {num_prefix_tokens: p}``, else the engine's ``ctx.num_prefix_tokens``,
+        presets the prefix count (``attach`` sets it from the model anyway).
         """
         cls.check_source(module, ctx)
         w = module.qkv.weight
@@ -271,7 +272,7 @@ class ParCTokenMixer(nn.Module):
             kernel_hw=ctx.kernel_hw,
             base_grid=tuple(ctx.feature_size),
             dim_out=module.proj.out_features,
-            num_prefix_tokens=ctx.options.get("num_prefix_tokens"),
+            num_prefix_tokens=ctx.options.get("num_prefix_tokens", ctx.num_prefix_tokens),
             pe=ctx.pe,
             qkv_bias=module.qkv.bias is not None,
             proj_bias=module.proj.bias is not None,
@@ -297,7 +298,8 @@ class ParCTokenMixer(nn.Module):
         if module.gate is not None:
             block.gate = copy.deepcopy(module.gate)
             carry.copy(block.gate, "gate.", module.gate, "gate.")
-        return block, carry.finish(block, module)
+        # every part of timm's Attention is attention: what is not carried (q / k rows, q_norm, k_norm) is dropped
+        return block, carry.finish(block, module, drop_unused=True)
 
     @classmethod
     def attach(cls, model: nn.Module, placements: list[tuple[str, nn.Module]]) -> None:
