@@ -121,7 +121,7 @@ def _feature_size(
 
 def _channels_last(module: nn.Module, shape: tuple[int, ...]) -> bool:
     """Whether a 4-D input is (B, H, W, C): the module's first projection takes ``shape[-1]`` features."""
-    from .blocks.generic_mixer import infer_layout
+    from .blocks.token_mixer import infer_layout
 
     try:
         return infer_layout(module, shape) == "nhwc"
