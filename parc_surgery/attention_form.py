@@ -62,6 +62,15 @@ class AttentionForm:
     call: ModuleCall  # the first recorded call: signature and output structure
     shapes: dict  # ref -> shape of every tensor in ``call`` (arguments and outputs)
     notes: tuple[str, ...] = ()
+    grid: tuple[int, int] | None = None  # the (H, W) map the tokens were flattened from, if the dataflow shows it
+    num_prefix_tokens: int | None = None  # tokens ahead of that grid (class / register / distillation tokens)
+
+    @property
+    def num_tokens(self) -> int | None:
+        """Tokens per sequence (token layouts)."""
+        if self.layout == "tokens":
+            return int(self.token_shape[1])
+        return int(self.token_shape[0]) if self.layout == "tokens_first" else None
 
 
 def _refuse(name: str, type_name: str, why: str) -> UnsupportedTargetError:
@@ -143,6 +152,8 @@ def find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> Att
         merged, mdim = (proj.token, proj.channel_dim) if proj else (y, 1 if layout == "nchw" else -1)
         out_dim = _channels(flow.tensors[y].shape, layout) if len(flow.tensors[y].shape) == len(flow.tensors[t].shape) else 0
         notes += _check_outputs(call, y, name, kind_name)
+        if not call.args or call.args[0] != TRef(x):
+            raise _refuse(name, kind_name, "its token input is not its first positional argument")
         region_ops = set(range(lo, hi))
     else:
         if proj is None:
@@ -168,11 +179,47 @@ def find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> Att
         if flow.tensors[r].param and flow.tensors[r].param.startswith(prefix)
     })  # fmt: skip
     q_params = tuple(dict.fromkeys(_pname(flow, p.weight, prefix) for p in first_q))
+    grid = None
+    if layout in ("tokens", "tokens_first"):
+        n = int(flow.tensors[t].shape[1 if layout == "tokens" else 0])
+        grid = find_token_grid(flow, t, n, dim)
     return AttentionForm(
         name, kind_name, "module" if exact else "inline", layout, tuple(flow.tensors[t].shape), dim, attn_dim,
         out_dim, value, pcarry, tuple(q for q in q_params if q), _pname(flow, proj.weight, prefix) if proj else None,
         tuple(consumed), call, {r: flow.tensors[r].shape for r in ins + outs}, notes,
+        grid[0] if grid else None, grid[1] if grid else None,
     )  # fmt: skip
+
+
+def find_token_grid(flow: Dataflow, ref: int, n: int, channels: int, *, steps: int = 48):
+    """((H, W), prefix) of the 2-D map ``n`` tokens of width ``channels`` were flattened from, else ``None``.
+
+    Walks back from ``ref`` through the ops that made it (layout ops, a class token's ``cat``, adding position
+    embeddings, norms) to the nearest (B, C, H, W) or (B, H, W, C) tensor with ``H * W = n - p`` for at most 16
+    prefix tokens ``p``: the patch embedding's output for a ViT, the window view for windowed attention.
+    """
+    seen = set()
+    while ref is not None and steps > 0 and ref not in seen:
+        seen.add(ref)
+        steps -= 1
+        s = flow.tensors[ref].shape
+        if len(s) == 4:
+            for hw in ((s[2], s[3]) if s[1] == channels else (), (s[1], s[2]) if s[3] == channels else ()):
+                if hw and 0 <= n - hw[0] * hw[1] <= 16 and hw[0] * hw[1] > 0:
+                    return (int(hw[0]), int(hw[1])), n - hw[0] * hw[1]
+        op = flow.producer(ref)
+        if op is None:
+            return None
+        ins = [r for r in op.inputs if flow.tensors[r].tainted]
+        ref = max(ins, key=lambda r: _numel(flow.tensors[r].shape), default=None)
+    return None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for v in shape:
+        n *= v
+    return n
 
 
 def _pname(flow: Dataflow, ref: int, prefix: str) -> str | None:
@@ -300,3 +347,39 @@ def form_of_module(module: nn.Module, ctx) -> AttentionForm:
     if "m" not in probe.attention:
         raise _refuse("the module", type(module).__qualname__, "no attention token mixer runs in its forward")
     return find_attention_form(module, probe, "m")
+
+
+def attention_form_or_error(model: nn.Module, probe: ProbeResult, name: str) -> AttentionForm | UnsupportedTargetError:
+    """:func:`find_attention_form` for the probe's attention ``name``, or the refusal; cached on the probe."""
+    cache = probe.forms
+    if name not in cache:
+        try:
+            cache[name] = find_attention_form(model.get_submodule(name), probe, name)
+        except UnsupportedTargetError as e:
+            cache[name] = e
+    return cache[name]
+
+
+def resolve_grid(form: AttentionForm, planned: tuple[tuple[int, int], int, bool]):
+    """(grid, prefix tokens, on the patch-embedding grid) of ``form``'s tokens at the planning size.
+
+    ``planned`` is the plan's own guess from the token count (the patch embedding's ``grid_size``, else a
+    square count after up to 8 prefix tokens); the map the tokens were flattened from (:func:`find_token_grid`)
+    is preferred to a square guess. Raises :class:`UnsupportedTargetError` when the tokens form no 2-D grid.
+    """
+    if form.layout == "nchw":
+        return (int(form.token_shape[2]), int(form.token_shape[3])), 0, False
+    if form.layout == "nhwc":
+        return (int(form.token_shape[1]), int(form.token_shape[2])), 0, False
+    (grid, prefix, patch) = planned
+    if patch:
+        return grid, prefix, True
+    if form.grid is not None:
+        return form.grid, form.num_prefix_tokens, False
+    if min(grid) > 1 or form.num_tokens == 1:
+        return grid, prefix, False
+    raise _refuse(
+        form.name, form.type_name, f"it attends over {form.num_tokens} tokens that form no 2-D grid (no patch-embedding "
+        "grid, no (H, W) map they were flattened from, no square count after up to 8 prefix tokens); ParC mixes "
+        "along the rows and columns of a 2-D grid",
+    )  # fmt: skip

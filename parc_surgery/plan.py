@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .attention_form import AttentionForm, attention_form_or_error, resolve_grid
 from .blocks import BlockContext, get_block
 from .errors import ParcSurgeryError, UnsupportedTargetError
 from .match import Selection
@@ -149,6 +150,14 @@ def build_plan(
         mod = model.get_submodule(sel.name)
         rec = probe.calls[sel.name]
         feat, extra = _feature_size(model, rec.in_shape, mod)
+        form = attention_form_or_error(model, probe, sel.name) if sel.name in probe.attention else None
+        if isinstance(form, AttentionForm):  # the attention's own tokens (MHA's may be (N, B, C))
+            try:
+                n = form.num_tokens
+                feat, prefix, patch = resolve_grid(form, _token_grid(model, n) if n else ((1, 1), 0, False))
+                extra = {"num_tokens": n, "num_prefix_tokens": prefix, "patch_grid": patch} if n else {}
+            except UnsupportedTargetError as e:
+                form = e
         if opts.pe == "all":
             pe = True
         elif opts.pe == "none":
@@ -163,6 +172,8 @@ def build_plan(
         # what the probe saw the module do: blocks that size themselves from it read these
         options["source_in_shape"] = rec.in_shape
         options["source_out_shape"] = rec.out_shape
+        if form is not None:
+            options["attention"] = form
         ctx = BlockContext(
             feature_size=feat,
             kernel_size=kernel,
@@ -198,7 +209,7 @@ def target_problem(model: nn.Module, t: PlannedTarget, probe: ProbeResult) -> st
     mod = model.get_submodule(t.name)
     rec = probe.calls[t.name]
     kind = t.source_type.rsplit(".", 1)[-1]
-    if rec.out_tensor and not all(rec.out_tensor):
+    if rec.out_tensor and not all(rec.out_tensor) and "attention" not in t.ctx.options:
         return (
             f"{t.name} ({kind}): the module returns a tuple / list / dict, not one tensor; a replacement block "
             "returns one tensor, so its callers would break. Exclude it."

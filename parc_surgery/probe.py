@@ -73,6 +73,7 @@ class ProbeResult:
     output: torch.Tensor | None = None  # the (first tensor of the) model output
     other_attention: tuple[str, ...] = ()  # attention that is no token mixer (pooling, class / cross attention)
     flow: Dataflow = field(default_factory=Dataflow)  # every aten op of the forward, tensors by reference
+    forms: dict = field(default_factory=dict)  # name -> AttentionForm or its refusal (attention_form's cache)
 
     def called(self, name: str) -> bool:
         rec = self.calls.get(name)

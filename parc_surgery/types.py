@@ -30,7 +30,7 @@ __all__ = [
     "validate_type_name",
 ]
 
-ALLOWED_PACKAGES = ("torch", "timm", "torchvision", "parc_surgery")
+ALLOWED_PACKAGES = ("torch", "timm", "torchvision", "transformers", "parc_surgery")
 
 _REGISTERED: set[type] = set()
 _BARE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -21,6 +21,7 @@ relative-position, 4-D, channels-last, ...) and is lenient: what it cannot repla
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
 import torch
@@ -41,33 +42,44 @@ _OUT = "__parc_out__"  # marks the token output among the recorded output leaves
 
 
 class _CallSpec:
-    """How the replaced module was called and what it returned (plain data; deep-copies with the model)."""
+    """How the replaced module was called and what it returned (plain data; deep-copies with the model).
 
-    def __init__(self, call, token_ref: int, out_ref: int, mha: bool):
+    ``none``: (position among the arguments after the tokens, name) of every argument that was ``None`` when the
+    model was planned (passed, or left at a ``None`` default): it must stay ``None``. ``same``: positions that
+    must be the token tensor itself (``nn.MultiheadAttention``'s key and value).
+    """
+
+    def __init__(self, module: nn.Module, call, token_ref: int, out_ref: int, mha: bool):
         leaves, self.spec = pytree.tree_flatten(call.output)
         self.leaves = tuple(_OUT if isinstance(v, TRef) and v.ref == out_ref else None for v in leaves)
-        self.plain = self.spec is None or (len(self.leaves) == 1 and isinstance(call.output, TRef))
-        self.token = next((i for i, a in enumerate(call.args) if a == TRef(token_ref)), None)
-        if self.token is None:
-            self.token = next((k for k, a in call.kwargs.items() if a == TRef(token_ref)), 0)
-        self.none = tuple(i for i, a in enumerate(call.args) if a is None) + tuple(
-            k for k, a in call.kwargs.items() if a is None
-        )
-        self.same = tuple(i for i, a in enumerate(call.args) if a == TRef(token_ref) and i != self.token) if mha else ()
+        self.plain = isinstance(call.output, TRef)
+        try:
+            params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind in _NAMED]
+        except (TypeError, ValueError):
+            params = []
+        names = [p.name for p in params]
+        none = [(i - 1, names[i] if i < len(names) else "") for i, a in enumerate(call.args) if a is None and i > 0]
+        none += [(names.index(k) - 1 if k in names else -1, k) for k, a in call.kwargs.items() if a is None]
+        passed = {n for _, n in none} | set(call.kwargs) | set(names[: len(call.args)])
+        none += [(i - 1, p.name) for i, p in enumerate(params) if p.name not in passed and i > 0 and p.default is None]
+        self.none = tuple(none)
+        self.same = tuple(i - 1 for i, a in enumerate(call.args) if i > 0 and a == TRef(token_ref)) if mha else ()
 
 
-def _check_call(spec: _CallSpec, args: tuple, kwargs: dict) -> None:
+_NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _check_call(none: tuple, same: tuple, x, args: tuple, kwargs: dict) -> None:
     """Arguments that were ``None`` at planning stay ``None``; nn.MultiheadAttention's key / value are its query."""
-    for key in spec.none:
-        v = args[key] if isinstance(key, int) and key < len(args) else kwargs.get(key) if isinstance(key, str) else None
+    for pos, name in none:
+        v = args[pos] if 0 <= pos < len(args) else kwargs.get(name)
         if v is not None:
             raise ConfigError(
-                f"ParC mixer: argument {key!r} was None when the model was converted and is {type(v).__name__} now; "
-                "ParC mixes every token of one sequence and has no masks or second input"
+                f"ParC mixer: argument {name or pos!r} (an attention mask or second input) was None when the model was "
+                f"converted and is a {type(v).__name__} now; ParC mixes every token of one sequence and has no masks"
             )
-    token = args[spec.token] if isinstance(spec.token, int) else kwargs[spec.token]
-    for i in spec.same:
-        if i < len(args) and args[i] is not token:
+    for i in same:
+        if i < len(args) and args[i] is not x:
             raise ConfigError("ParC mixer: key / value must be the query itself (self-attention); got another tensor")
 
 
@@ -80,15 +92,12 @@ class ParCTokenMixer(ParCTokenMixerBase):
 
     replaces = ("timm.layers.attention.Attention",)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, x: torch.Tensor, *args, **kwargs):
         spec: _CallSpec | None = getattr(self, "_call", None)
-        if spec is None:
-            return self.mix(args[0], args[1:], kwargs)
-        _check_call(spec, args, kwargs)
-        x = args[spec.token] if isinstance(spec.token, int) else kwargs[spec.token]
-        rest = tuple(a for i, a in enumerate(args) if i != spec.token)
-        out = self.mix(x, rest, {k: v for k, v in kwargs.items() if k != spec.token})
-        if spec.plain:
+        if spec is not None:
+            _check_call(spec.none, spec.same, x, args, kwargs)
+        out = self.mix(x, args, kwargs)
+        if spec is None or spec.plain:
             return out
         return pytree.tree_unflatten([out if v == _OUT else None for v in spec.leaves], spec.spec)
 
@@ -125,7 +134,7 @@ class ParCTokenMixer(ParCTokenMixerBase):
             return rewrite_inline_attention(module, form, mixer, carry)
         block, carry = cls._build(form, module, ctx, proj=True)
         mha = isinstance(module, nn.MultiheadAttention)
-        block._call = _CallSpec(form.call, form.call.tensor_refs()[0], form.call.output_refs()[0], mha)
+        block._call = _CallSpec(module, form.call, form.call.tensor_refs()[0], form.call.output_refs()[0], mha)
         _adopt_attributes(block, module)
         if mha:  # nn.TransformerEncoderLayer reads it to choose its fused fast path: None sends it to the module
             block.in_proj_bias = None
@@ -157,7 +166,7 @@ class ParCTokenMixer(ParCTokenMixerBase):
             **dd,
         )
         block.train(module.training)
-        block.use_patch_grid = ctx.options.get("patch_grid") is True and cls.block_name == "parc_token_mixer"
+        block.use_patch_grid = cls.block_name == "parc_token_mixer"  # its check refused tokens off the patch grid
         if ctx.pe and ctx.init == "warm_start":
             for m in (block.parc_1_h, block.parc_1_w, block.parc_2_w, block.parc_2_h):
                 m.pe.zero_()
@@ -210,6 +219,8 @@ class ParCMixer(ParCTokenMixer):
 
 def _form(module: nn.Module, ctx: BlockContext):
     form = ctx.options.get("attention")
+    if isinstance(form, Exception):
+        raise form
     if form is None:
         from ..attention_form import form_of_module
 
@@ -232,8 +243,12 @@ def _carry(carry: CarryBuilder, new: str, dst: nn.Module, src: Carried | None, p
         if lab is None or getattr(dst, part, None) is None:
             continue
         names = sorted({src.names[s] for s in lab[:, 0].tolist() if s >= 0})
-        if len(names) == 1 and _whole(lab, src.names.index(names[0]), params[names[0]]):
-            carry.kept.append((f"{new}.{part}", names[0]))
+        param = params[names[0]] if len(names) == 1 else None
+        if param is not None and _whole(lab, src.names.index(names[0]), param):
+            if param.shape == getattr(dst, part).shape:
+                carry.kept.append((f"{new}.{part}", names[0]))
+            else:
+                carry.transform(f"{new}.{part}", names, f"{what}: the 1x1 conv kernel {names[0]} squeezed to a matrix")
         else:
             carry.transform(f"{new}.{part}", names, f"{what}: {_describe_rows(src, lab)}")
 
