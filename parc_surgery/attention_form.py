@@ -123,7 +123,13 @@ def find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> Att
     core_outs = {c.out for c in cores}
     for c in cores:
         for what, ref in (("queries", c.q), ("keys", c.k), ("values", c.v)):
-            other = g.leaves(ref, {t} | core_outs) - {t} - core_outs
+            leaves = g.leaves(ref, {t} | core_outs)
+            if not leaves and g.tainted(t):
+                raise _refuse(
+                    name, kind_name, f"cross-attention: its {what} are computed from parameters alone (learned "
+                    "queries / a memory), not from the token input; ParC mixes one token sequence with itself",
+                )  # fmt: skip
+            other = leaves - {t} - core_outs
             if other:
                 raise _refuse(
                     name, kind_name, f"cross-attention: its {what} come from {_describe(flow, other.pop())}, not from "
@@ -241,7 +247,7 @@ def _check_masks(g: OpGraph, cores: list[Core], t: int, x: int, name: str, kind_
     for c in cores:
         for m in c.masks:
             if g.tainted(m):
-                if g.leaves(m, {t, x}) - {t, x}:
+                if g.leaves(m, {t, x}) - {t, x} or _compares(g, m):
                     raise _refuse(name, kind_name, f"its attention scores are masked by {_describe(g.flow, m)} computed "
                                   "from the model input; ParC mixes every token and has no notion of a mask")  # fmt: skip
             elif not _from_parameters(g.flow, m):
@@ -250,6 +256,15 @@ def _check_masks(g: OpGraph, cores: list[Core], t: int, x: int, name: str, kind_
                     "shifted-window mask) is ignored: ParC mixes the whole grid it is given"
                 )
     return tuple(dict.fromkeys(notes))
+
+
+_COMPARISONS = frozenset({"lt", "gt", "le", "ge", "eq", "ne", "logical_not", "logical_and", "logical_or", "isinf",
+                          "isnan", "masked_fill", "where"})  # fmt: skip
+
+
+def _compares(g: OpGraph, ref: int) -> bool:
+    """Whether ``ref`` is computed (within the call) by comparing token values: a mask, not a learned score term."""
+    return any(g.flow.ops[i].name in _COMPARISONS for i in g.backward_ops([ref]))
 
 
 def _from_parameters(flow: Dataflow, ref: int) -> bool:
@@ -376,10 +391,10 @@ def resolve_grid(form: AttentionForm, planned: tuple[tuple[int, int], int, bool]
         return grid, prefix, True
     if form.grid is not None:
         return form.grid, form.num_prefix_tokens, False
-    if min(grid) > 1 or form.num_tokens == 1:
+    if min(grid) > 1 and prefix == 0:  # a square token count; prefix tokens must be seen in the dataflow
         return grid, prefix, False
     raise _refuse(
         form.name, form.type_name, f"it attends over {form.num_tokens} tokens that form no 2-D grid (no patch-embedding "
-        "grid, no (H, W) map they were flattened from, no square count after up to 8 prefix tokens); ParC mixes "
+        "grid, no (H, W) map they were flattened from, not a square count); ParC mixes "
         "along the rows and columns of a 2-D grid",
     )  # fmt: skip

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -32,7 +33,7 @@ from .blocks._carry import CarryBuilder, CarryRecord
 from .dataflow import TRef
 from .errors import UnsupportedTargetError
 
-__all__ = ["rewrite_inline_attention", "trace_block"]
+__all__ = ["InlinePlan", "plan_inline_rewrite", "rewrite_inline_attention", "trace_block"]
 
 _LAYOUT = {"view", "reshape", "permute", "transpose", "flatten", "contiguous", "unflatten", "squeeze", "unsqueeze"}
 _LAYOUT_FNS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.squeeze, torch.unsqueeze}
@@ -138,6 +139,39 @@ def _shapes(gm: torch.fx.GraphModule, call, shapes: dict[int, tuple[int, ...]]) 
             if isinstance(n.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata)}  # fmt: skip
 
 
+@dataclass
+class InlinePlan:
+    """Where the attention sits in the traced block: the graph, its token input, the region and its output."""
+
+    gm: torch.fx.GraphModule
+    work: nn.Module  # the deep copy of the block the graph was traced from
+    t: torch.fx.Node
+    o: torch.fx.Node
+    region: set
+    flatten: bool  # the output projection reads (B * N, A): flatten the mixer's (B, N, A)
+
+
+def plan_inline_rewrite(module: nn.Module, form) -> InlinePlan:
+    """Trace a deep copy of ``module`` and find its attention region; raises :class:`UnsupportedTargetError`."""
+    type_name = form.type_name.rsplit(".", 1)[-1]
+    work = copy.deepcopy(module)
+    gm = trace_block(work, form.call)
+    _, t = _find(gm, form.q_params, "query / key / value projection", type_name)
+    proj, _ = _find(gm, (form.proj_param,), "output projection", type_name)
+    o = proj.args[0]
+    if not isinstance(o, torch.fx.Node):
+        raise UnsupportedTargetError(f"the {type_name}'s output projection does not read a traced tensor")
+    region = _region(gm.graph, t, o, type_name)
+    shapes = _shapes(gm, form.call, form.shapes)
+    if shapes and (shapes.get(t.name) != tuple(form.token_shape) or shapes.get(o.name, (0,))[-1] != form.attn_dim):
+        raise UnsupportedTargetError(
+            f"the {type_name}'s traced forward does not match its recorded attention (token input "
+            f"{shapes.get(t.name)} vs {tuple(form.token_shape)}); it cannot be rewritten"
+        )
+    flatten = bool(shapes) and len(shapes.get(o.name, ())) == 2 and len(form.token_shape) == 3
+    return InlinePlan(gm, work, t, o, region, flatten)
+
+
 def rewrite_inline_attention(module: nn.Module, form, mixer: nn.Module, built: CarryBuilder):
     """The block ``module`` (never mutated) as a GraphModule whose attention region calls ``mixer``.
 
@@ -145,31 +179,16 @@ def rewrite_inline_attention(module: nn.Module, form, mixer: nn.Module, built: C
     is relative to the block: the block's other parameters ``kept`` under their own names, the mixer's under
     ``parc_mixer.``, the query / key side ``dropped``.
     """
-    type_name = form.type_name.rsplit(".", 1)[-1]
-    work = copy.deepcopy(module)
-    gm = trace_block(work, form.call)
-    graph = gm.graph
-    _, t = _find(gm, form.q_params, "query / key / value projection", type_name)
-    proj, _ = _find(gm, (form.proj_param,), "output projection", type_name)
-    o = proj.args[0]
-    if not isinstance(o, torch.fx.Node):
-        raise UnsupportedTargetError(f"the {type_name}'s output projection does not read a traced tensor")
-    region = _region(graph, t, o, type_name)
-    shapes = _shapes(gm, form.call, form.shapes)
-    if shapes and (shapes.get(t.name) != tuple(form.token_shape) or shapes.get(o.name, (0,))[-1] != form.attn_dim):
-        raise UnsupportedTargetError(
-            f"the {type_name}'s traced forward does not match its recorded attention (token input "
-            f"{shapes.get(t.name)} vs {tuple(form.token_shape)}); it cannot be rewritten"
-        )
-    # mutate: the mixer in, the region out
+    plan = plan_inline_rewrite(module, form)
+    gm, graph, t, o, region = plan.gm, plan.gm.graph, plan.t, plan.o, plan.region
     name = "parc_mixer"
     while hasattr(gm, name):
         name += "_"
     gm.add_submodule(name, mixer)
     with graph.inserting_before(o):
         new = graph.call_module(name, (t,))
-        if shapes and len(shapes.get(o.name, ())) == 2 and len(form.token_shape) == 3:
-            new = graph.call_method("flatten", (new, 0, 1))  # the projection read (B * N, A)
+        if plan.flatten:
+            new = graph.call_method("flatten", (new, 0, 1))
     o.replace_all_uses_with(new)
     for node in reversed(list(graph.nodes)):
         if node in region:
@@ -178,7 +197,8 @@ def rewrite_inline_attention(module: nn.Module, form, mixer: nn.Module, built: C
     graph.lint()
     used = {n.target for n in graph.nodes if n.op in ("call_module", "get_attr")}
     gm.recompile()
-    out = _keep_the_rest(gm, work, used, region_targets={n.target for n in region if n.op in ("call_module", "get_attr")})
+    targets = {n.target for n in region if n.op in ("call_module", "get_attr")}
+    out = _keep_the_rest(gm, plan.work, used, region_targets=targets)
     out.train(module.training)
     return out, _record(out, module, name, built)
 

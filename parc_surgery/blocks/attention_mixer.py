@@ -107,6 +107,10 @@ class ParCTokenMixer(ParCTokenMixerBase):
     def check_source(cls, module: nn.Module, ctx: BlockContext) -> None:
         """Accept an attention (module or inline) whose tokens lie on the model's patch-embedding grid."""
         form = _form(module, ctx)
+        if form.kind == "inline":  # the graph rewrite is planned (and checked) here; nothing is changed
+            from ..graph_attention import plan_inline_rewrite
+
+            plan_inline_rewrite(module, form)
         if form.layout != "tokens" or ctx.options.get("patch_grid") is False:
             raise UnsupportedTargetError(
                 f"{cls.block_name}: the {form.type_name}'s tokens ({form.layout}, {form.token_shape}) are not on the "
@@ -213,8 +217,13 @@ class ParCMixer(ParCTokenMixer):
 
     @classmethod
     def check_source(cls, module: nn.Module, ctx: BlockContext) -> None:
-        """Accept any attention whose form could be read (see :func:`~parc_surgery.attention_form.find_attention_form`)."""
-        _form(module, ctx)
+        """Accept any attention whose form could be read (see :func:`~parc_surgery.attention_form.find_attention_form`)
+        and, for attention inline in a block's forward, whose graph rewrite can be planned."""
+        form = _form(module, ctx)
+        if form.kind == "inline":
+            from ..graph_attention import plan_inline_rewrite
+
+            plan_inline_rewrite(module, form)
 
 
 def _form(module: nn.Module, ctx: BlockContext):
