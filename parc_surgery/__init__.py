@@ -10,7 +10,7 @@ Quickstart::
 
 from . import timm_models  # noqa: F401  (registers parcnet_s & co. with timm)
 from .api import Candidates, Conversion, convert, list_candidates
-from .blocks import BlockContext, CarryRecord, get_block, list_blocks, register_block
+from .blocks import BlockContext, CarryRecord, ReplacementBlock, get_block, list_blocks, register_block
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -43,6 +43,7 @@ __all__ = [
     "ParC",
     "ParcSurgeryError",
     "Plan",
+    "ReplacementBlock",
     "Report",
     "Rule",
     "RuleError",

@@ -1,7 +1,8 @@
-"""The one place that orchestrates a conversion: probe -> match -> plan -> check -> rewrite -> audit -> validate.
+"""The one place that orchestrates a conversion: probe -> stages -> match -> plan -> rewrite -> audit -> validate.
 
-``convert(model, rule)`` never touches the user's model: it works on a deep copy, and only after
-every target has been planned and checked does it build the replacement blocks and swap them in.
+``convert(model, rule)`` never touches the user's model: it works on a deep copy. ``match`` finds each rule
+target's candidates (pure sets); ``plan`` plans and checks every candidate once, recording refusals; only
+after every target has been planned and checked does ``rewrite`` build the replacement blocks and swap them in.
 ``list_candidates(model, rule)`` is the discovery tool every "nothing matched" error points to.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import CarryRecord, get_block, list_blocks
+from .blocks import CarryRecord, get_block_spec, list_blocks
 from .errors import (
     ConfigError,
     NoMatchError,
@@ -26,12 +27,12 @@ from .errors import (
     ValidationError,
 )
 from .flops import count_macs, count_macs_impls, count_params
-from .match import TargetDiagnostic, select_targets
+from .match import TargetDiagnostic, select_candidates
 from .ops import ParC
-from .plan import Plan, PlannedTarget, build_plan, check_plan, target_problem
+from .plan import Plan, PlannedTarget, PlanResult, Refusal, plan_targets, refusal_error
 from .probe import ProbeResult, _timm_leaves, example_input, probe_model, trace_model
 from .report import Check, Report, TargetReport
-from .rewrite import apply_plan
+from .rewrite import apply_plan, rewrite_notes
 from .rule import Rule, load_rule
 from .stages import Stage, find_stages
 from .types import type_name_matches
@@ -67,6 +68,7 @@ class Candidates:
     selected: tuple[PlannedTarget, ...] | None = None
     diagnostics: tuple[TargetDiagnostic, ...] = ()
     other_attention: tuple[str, ...] = ()  # attention that is no token mixer (pooling, class attention)
+    refused: tuple[Refusal, ...] = ()  # selected modules a block cannot replace, and why
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +82,16 @@ class Candidates:
             "other_attention": list(self.other_attention),
             "selected": None if self.selected is None else [t.to_dict() for t in self.selected],
             "diagnostics": [d.describe() for d in self.diagnostics],
+            "refused": [
+                {
+                    "name": x.name,
+                    "block": x.block,
+                    "target_index": x.target_index,
+                    "reason": x.reason,
+                    "left_out": x.lenient,
+                }
+                for x in self.refused
+            ],
         }
 
     def __str__(self) -> str:
@@ -103,6 +115,9 @@ class Candidates:
                 lines.append(f"  {t.name} -> {t.block} (kernel {t.ctx.kernel_hw}, pe={t.ctx.pe})")
             for d in self.diagnostics:
                 lines.append(f"  {d.describe()}")
+            if self.refused:
+                lines.append(f"selected but not replaceable: {len(self.refused)}")
+                lines.extend(f"  {x.describe()}" for x in self.refused)
         return "\n".join(lines)
 
     @property
@@ -170,7 +185,7 @@ def _check_model(model) -> None:
 
 def _replaceable(model: nn.Module) -> list[tuple[str, str, tuple[str, ...]]]:
     out = []
-    blocks = [(b, getattr(get_block(b), "replaces", ())) for b in list_blocks()]
+    blocks = [(b, get_block_spec(b).replaces) for b in list_blocks()]
     for name, mod in model.named_modules():
         if not name:
             continue
@@ -237,11 +252,6 @@ def _survey(work: nn.Module, size: tuple[int, int]) -> _Survey:
     return _Survey(work, size, x, probe, find_stages(work, probe), gm is not None, why, leaves)
 
 
-def _already_converted(model: nn.Module, name: str) -> bool:
-    mod = model.get_submodule(name)
-    return any(isinstance(m, ParC) for m in mod.modules())
-
-
 def _no_match(rule: Rule, survey: _Survey, diags, model_name: str, extra: str = "") -> NoMatchError:
     lines = "\n  ".join(d.describe() for d in diags)
     return NoMatchError(
@@ -253,33 +263,18 @@ def _no_match(rule: Rule, survey: _Survey, diags, model_name: str, extra: str = 
     )
 
 
-def _acceptor(rule: Rule, survey: _Survey, model_name: str):
-    """The ``accept`` callback of :func:`select_targets`: asks the target's block (see match precedence rule 2)."""
-
-    def accept(sel):
-        t = build_plan(
-            survey.work, rule, survey.probe, survey.stages, [sel], model_name=model_name, input_size=survey.size
-        )[0]
-        why = target_problem(survey.work, t, survey.probe)
-        if why is None:
-            return None
-        return why, bool(getattr(get_block(t.block), "skip_unsupported", False))
-
-    return accept
+def _plan(rule: Rule, survey: _Survey, *, impl=None, init=None) -> PlanResult:
+    """match (each target's candidates) -> plan (each candidate planned and checked once)."""
+    candidates = select_candidates(survey.work, rule, survey.probe, survey.stages)
+    return plan_targets(survey.work, rule, survey.probe, candidates, impl=impl, init=init)
 
 
-def _select(rule, survey, model_name):
-    return select_targets(survey.work, rule, survey.probe, survey.stages, accept=_acceptor(rule, survey, model_name))
-
-
-def _plan(rule, survey, model_name, *, impl, init) -> tuple[list[PlannedTarget], list, list[str]]:
-    selections, diags = _select(rule, survey, model_name)
-    notes = []
-    done = [s for s in selections if _already_converted(survey.work, s.name)]
-    if done:
-        notes.append(f"{len(done)} selected module(s) already contain ParC layers and were left as they are")
-        selections = [s for s in selections if s not in done]
-    if not selections:
+def _checked_plan(rule: Rule, survey: _Survey, model_name: str, *, impl, init) -> PlanResult:
+    """:func:`_plan`, raising when a refusal stands or nothing was selected."""
+    result = _plan(rule, survey, impl=impl, init=init)
+    if result.refused:
+        raise refusal_error(result.refused, len(result.targets))
+    if not result.targets:
         n_parc = sum(isinstance(m, ParC) for m in survey.work.modules())
         extra = (
             f" (the model looks already converted: it holds {n_parc} ParC layer(s); converting it again is "
@@ -287,22 +282,8 @@ def _plan(rule, survey, model_name, *, impl, init) -> tuple[list[PlannedTarget],
             if n_parc
             else ""
         )
-        raise _no_match(rule, survey, diags, model_name, extra)
-    for d in diags:
-        if d.selected == 0:
-            notes.append(f"targets[{d.target_index}] selected nothing: {d.describe()}")
-    targets = build_plan(
-        survey.work,
-        rule,
-        survey.probe,
-        survey.stages,
-        selections,
-        model_name=model_name,
-        input_size=survey.size,
-        impl=impl,
-        init=init,
-    )
-    return targets, diags, notes
+        raise _no_match(rule, survey, result.diagnostics, model_name, extra)
+    return result
 
 
 def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_size=None) -> Candidates:
@@ -318,13 +299,12 @@ def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_siz
     with _user_hooks_detached(work), _guard("probing the model", TraceError):
         survey = _survey(work, size)
     name = get_model_name(model)
-    selected, diags = None, ()
+    selected, diags, refused = None, (), ()
     if r is not None:
         with _guard("selecting the rule's targets", UnsupportedTargetError):
-            selections, diags = _select(r, survey, name)
-            selected = tuple(
-                build_plan(survey.work, r, survey.probe, survey.stages, selections, model_name=name, input_size=size)
-            )
+            result = _plan(r, survey)
+            selected, diags = tuple(result.targets), tuple(result.diagnostics)
+            refused = (*result.refused, *result.skipped)
     return Candidates(
         name,
         size,
@@ -336,6 +316,7 @@ def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_siz
         selected,
         tuple(diags),
         survey.probe.other_attention,
+        refused,
     )
 
 
@@ -397,8 +378,13 @@ def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) 
     with _guard("probing the model", TraceError):
         survey = _survey(work, size)
     with _guard("planning the conversion", UnsupportedTargetError):
-        targets, _, notes = _plan(r, survey, name, impl=impl, init=init)
-        check_plan(work, targets, survey.probe)
+        planned = _checked_plan(r, survey, name, impl=impl, init=init)
+    targets, notes = planned.targets, list(planned.notes)
+    if planned.skipped:
+        notes.append(
+            f"{len(planned.skipped)} selected module(s) left out (the lenient block cannot replace them): "
+            + "; ".join(f"{x.name}: {x.reason}" for x in planned.skipped[:5])
+        )
 
     # reference outputs and counts of the original, taken on the copy before any swap
     x2 = example_input(work, second_size(size))
@@ -415,6 +401,7 @@ def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) 
     was_leaf = [t.name for t in targets if leaves and isinstance(work.get_submodule(t.name), tuple(leaves))]
 
     carry = apply_plan(work, targets, seed=seed)
+    notes.extend(rewrite_notes(work, targets))
     leaf_types = tuple({*survey.leaf_types, *(type(work.get_submodule(n)) for n in was_leaf)})
 
     # one meta pass for both ParC formulations (spatial: the papers' count; fft: Fast-ParC)

@@ -342,18 +342,18 @@ class _Holder(nn.Module):
 def form_of_module(module: nn.Module, ctx) -> AttentionForm:
     """The form of an attention ``module`` used on its own (no engine probe): probed once on a token input.
 
-    The input is ``ctx.options["source_in_shape"]`` when given, else (1, prefix + H * W, C) tokens on
+    The input is ``ctx.source_in_shape`` when given, else (1, prefix + H * W, C) tokens on
     ``ctx.feature_size`` with C the input width of the module's first ``nn.Linear``.
     """
     from .probe import probe_model
 
-    shape = ctx.options.get("source_in_shape")
+    shape = ctx.source_in_shape
     if shape is None:
         lin = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
         if lin is None:
             raise _refuse("the module", type(module).__qualname__, "no input shape recorded and no nn.Linear to guess")
         h, w = ctx.feature_size
-        shape = (1, int(ctx.options.get("num_prefix_tokens") or 0) + h * w, lin.in_features)
+        shape = (1, int(ctx.options.get("num_prefix_tokens", ctx.num_prefix_tokens) or 0) + h * w, lin.in_features)
     first = next(iter(module.parameters()), None)
     x = torch.randn(shape, device=first.device if first is not None else None)
     if first is not None and first.is_floating_point():

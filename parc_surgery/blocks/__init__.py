@@ -10,13 +10,26 @@ from . import (  # noqa: F401  (registers)
     parcnet,
 )
 from ._carry import CarryBuilder, CarryRecord
-from ._registry import BlockContext, get_block, is_block, list_blocks, register_block, unregister_block
+from ._registry import (
+    BlockContext,
+    BlockSpec,
+    ReplacementBlock,
+    get_block,
+    get_block_spec,
+    is_block,
+    list_blocks,
+    register_block,
+    unregister_block,
+)
 
 __all__ = [
     "BlockContext",
+    "BlockSpec",
     "CarryBuilder",
     "CarryRecord",
+    "ReplacementBlock",
     "get_block",
+    "get_block_spec",
     "is_block",
     "list_blocks",
     "register_block",

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedTargetError
 from ._carry import CarryBuilder, CarryRecord
+from ._registry import ReplacementBlock
 from .parc_split import ParCSplit
 
 __all__ = ["INITS", "ParCConvBlock", "conv_origin", "dotted_name", "fold_conv_weight", "fold_taps", "split_from_conv"]
@@ -132,7 +133,7 @@ def _split_carry(builder: CarryBuilder, path: str, conv: nn.Conv2d, split: ParCS
             )
 
 
-class ParCConvBlock(nn.Module):
+class ParCConvBlock(ReplacementBlock):
     """Base of the ParC-ConvNet blocks: a source block whose spatial conv is replaced by a :class:`ParCSplit`.
 
     Subclasses set ``replaces`` (dotted source class names), ``dense`` and ``conv_role`` and define
@@ -205,7 +206,7 @@ class ParCConvBlock(nn.Module):
 
     @classmethod
     def _check(cls, module: nn.Module, kernel_hw, init: str) -> None:
-        name = getattr(cls, "block_name", cls.__name__)
+        name = cls.block_name or cls.__name__
         if init not in INITS:
             raise ConfigError(f"{name}: init must be one of {INITS}, got {init!r}")
         if (

@@ -33,7 +33,7 @@ from ..attention_carry import Carried, gather
 from ..dataflow import TRef
 from ..errors import ConfigError, UnsupportedTargetError
 from ._carry import CarryBuilder, CarryRecord
-from ._registry import BlockContext, register_block
+from ._registry import BlockContext, ReplacementBlock, register_block
 from .token_mixer import ParCTokenMixerBase, attach_grid
 
 __all__ = ["ParCMixer", "ParCTokenMixer"]
@@ -87,7 +87,7 @@ torch.fx.wrap("_check_call")
 
 
 @register_block("parc_token_mixer")
-class ParCTokenMixer(ParCTokenMixerBase):
+class ParCTokenMixer(ParCTokenMixerBase, ReplacementBlock):
     """A :class:`~parc_surgery.blocks.token_mixer.ParCTokenMixerBase` called like the module it replaces."""
 
     replaces = ("timm.layers.attention.Attention",)
@@ -111,7 +111,7 @@ class ParCTokenMixer(ParCTokenMixerBase):
             from ..graph_attention import plan_inline_rewrite
 
             plan_inline_rewrite(module, form)
-        if form.layout != "tokens" or ctx.options.get("patch_grid") is False:
+        if form.layout != "tokens" or ctx.patch_grid is False:
             raise UnsupportedTargetError(
                 f"{cls.block_name}: the {form.type_name}'s tokens ({form.layout}, {form.token_shape}) are not on the "
                 "model's patch-embedding grid (windowed / pooled / hierarchical / 4-D tokens); use parc_mixer"
@@ -152,7 +152,7 @@ class ParCTokenMixer(ParCTokenMixerBase):
         if form.layout == "nhwc":
             grid = (int(form.token_shape[1]), int(form.token_shape[2]))
         drop = getattr(module, "proj_drop", None)
-        prefix = ctx.options.get("num_prefix_tokens")
+        prefix = ctx.options.get("num_prefix_tokens", ctx.num_prefix_tokens)
         block = cls(
             form.dim,
             form.attn_dim,
@@ -227,7 +227,7 @@ class ParCMixer(ParCTokenMixer):
 
 
 def _form(module: nn.Module, ctx: BlockContext):
-    form = ctx.options.get("attention")
+    form = ctx.attention
     if isinstance(form, Exception):
         raise form
     if form is None:

@@ -123,7 +123,7 @@ class ParCConv(ParCConvBlock):
     def check_source(cls, module: nn.Module, ctx: BlockContext) -> None:
         """Refuse (UnsupportedTargetError) what cannot be replaced, including a block that changes the size."""
         cls._check(module, ctx.kernel_hw, ctx.init)
-        a, b = ctx.options.get("source_in_shape"), ctx.options.get("source_out_shape")
+        a, b = ctx.source_in_shape, ctx.source_out_shape
         if a is not None and b is not None and (len(a) != 4 or len(b) != 4 or tuple(a[2:]) != tuple(b[2:])):
             raise UnsupportedTargetError(
                 f"parc_conv: the {dotted_name(type(module))} maps {tuple(a)} to {tuple(b)}; only (B, C, H, W) blocks "

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import UnsupportedTargetError
 from ._carry import CarryBuilder, CarryRecord
-from ._registry import BlockContext, register_block
+from ._registry import BlockContext, ReplacementBlock, register_block
 from .metaformer import ParCMetaFormerBlock, _kernel_pair, init_conv_fan_out
 
 __all__ = ["ParCNetBlock"]
@@ -25,7 +25,7 @@ DEFAULT_WIDTH_MULT = 4 / 3  # ParC-Net-S global widths relative to MobileViT-S's
 
 
 @register_block("parcnet")
-class ParCNetBlock(nn.Module):
+class ParCNetBlock(ReplacementBlock):
     """ParC-Net block: local convs, ParC-MetaFormer blocks, projection back and fusion with the input.
 
     For input channels ``c_in``, output channels ``c`` and global width ``D``::
@@ -224,7 +224,7 @@ def _kernel(src: _MobileViTParts, ctx: BlockContext) -> tuple[int, int]:
     """``kernel_size: auto`` is the feature size the ParC blocks see: after a strided downsampling layer, halved."""
     if ctx.kernel_size is not None or src.down is None:
         return ctx.kernel_hw
-    out = ctx.options.get("source_out_shape") or getattr(ctx, "source_out_shape", None)
+    out = ctx.source_out_shape
     if out is not None and len(out) == 4:
         return int(out[2]), int(out[3])
     return tuple(max(1, -(-k // 2)) for k in ctx.kernel_hw)
