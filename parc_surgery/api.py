@@ -30,7 +30,7 @@ from .flops import count_macs, count_macs_impls, count_params
 from .match import TargetDiagnostic, select_candidates
 from .ops import ParC
 from .plan import Plan, PlannedTarget, PlanResult, Refusal, plan_targets, refusal_error
-from .probe import ProbeResult, _timm_leaves, example_input, probe_model, trace_model
+from .probe import ProbeResult, _timm_leaves, example_input, module_state_kept, probe_model, trace_model
 from .report import Check, Report, TargetReport
 from .rewrite import apply_plan, rewrite_notes
 from .rule import Rule, load_rule
@@ -391,7 +391,8 @@ def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) 
     ref = ref2 = None
     if validate:
         ref = survey.probe.output  # the probe ran the unconverted copy in eval mode without grad
-        ref2 = eval_forward(work, x2)
+        with module_state_kept(work):  # a forward at another size may change a stateful model
+            ref2 = eval_forward(work, x2)
     params_before = count_params(work)
     per_target_before = {t.name: count_params(work.get_submodule(t.name)) for t in targets}
     before, why_b = _macs(work, size) if count else (None, "")
@@ -409,7 +410,7 @@ def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) 
     after, after_fft = (after_by_impl["spatial"], after_by_impl["fft"]) if after_by_impl else (None, None)
     checks: list[Check] = []
     if validate:
-        with _guard("validating the converted model", ValidationError):
+        with _guard("validating the converted model", ValidationError), module_state_kept(work):
             checks = validate_model(
                 work,
                 targets,

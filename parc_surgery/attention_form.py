@@ -30,7 +30,8 @@ from torch.utils import _pytree as pytree
 
 from .attention_carry import Carried, Projection, find_projection, out_carry, value_carry
 from .attention_labels import Unreplayable
-from .attention_ops import Core, OpGraph, find_cores
+from .attention_labels import LAYOUT_OPS
+from .attention_ops import Core, OpGraph, find_cores, is_sdpa_op
 from .dataflow import METADATA_OPS, Dataflow, ModuleCall, Opaque, TRef
 from .errors import UnsupportedTargetError
 
@@ -197,12 +198,13 @@ def find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> Att
     )  # fmt: skip
 
 
-def find_token_grid(flow: Dataflow, ref: int, n: int, channels: int, *, steps: int = 48):
+def find_token_grid(flow: Dataflow, ref: int, n: int, channels: int, *, steps: int = 64):
     """((H, W), prefix) of the 2-D map ``n`` tokens of width ``channels`` were flattened from, else ``None``.
 
-    Walks back from ``ref`` through the ops that made it (layout ops, a class token's ``cat``, adding position
-    embeddings, norms) to the nearest (B, C, H, W) or (B, H, W, C) tensor with ``H * W = n - p`` for at most 16
-    prefix tokens ``p``: the patch embedding's output for a ViT, the window view for windowed attention.
+    Walks back from ``ref`` along the token path (layout ops, a class token's ``cat``, residual adds, position
+    embeddings, norms; never into a projection or an attention) to the nearest (B, C, H, W) or (B, H, W, C)
+    tensor with ``H * W = n - p`` for at most 16 prefix tokens ``p``: the patch embedding's output for a ViT,
+    the window view for windowed attention.
     """
     seen = set()
     while ref is not None and steps > 0 and ref not in seen:
@@ -214,11 +216,35 @@ def find_token_grid(flow: Dataflow, ref: int, n: int, channels: int, *, steps: i
                 if hw and 0 <= n - hw[0] * hw[1] <= 16 and hw[0] * hw[1] > 0:
                     return (int(hw[0]), int(hw[1])), n - hw[0] * hw[1]
         op = flow.producer(ref)
-        if op is None:
+        if op is None or _computes(flow, op):
             return None
         ins = [r for r in op.inputs if flow.tensors[r].tainted]
-        ref = max(ins, key=lambda r: _numel(flow.tensors[r].shape), default=None)
+        ranked = sorted(ins, key=lambda r: (_behind_projection(flow, r), -_numel(flow.tensors[r].shape)))
+        ref = ranked[0] if ranked else None
     return None
+
+
+_PATH_STOPS = frozenset({"mm", "bmm", "addmm", "baddbmm", "convolution", "_convolution"})
+
+
+def _computes(flow: Dataflow, op) -> bool:
+    """A projection, matmul or attention core: the token path does not go through it."""
+    return op.name in _PATH_STOPS or is_sdpa_op(op.name)
+
+
+def _behind_projection(flow: Dataflow, ref: int) -> bool:
+    """Whether the nearest op before ``ref`` that is not a layout op is a projection / matmul / attention."""
+    for _ in range(16):
+        op = flow.producer(ref)
+        if op is None:
+            return False
+        if op.name not in LAYOUT_OPS:
+            return _computes(flow, op)
+        ins = [r for r in op.inputs if flow.tensors[r].tainted]
+        if len(ins) != 1:
+            return False
+        ref = ins[0]
+    return False
 
 
 def _numel(shape) -> int:
@@ -280,8 +306,8 @@ def _from_parameters(flow: Dataflow, ref: int) -> bool:
         if info.param is not None and not info.buffer:
             return True
         op = flow.producer(r)
-        if op is not None:
-            stack.extend(op.inputs)
+        if op is not None and op.name not in METADATA_OPS:  # ``x.new_zeros(...)`` reads only x's shape
+            stack.extend(i for i in op.inputs if not flow.tensors[i].tainted)
     return False
 
 
@@ -391,8 +417,8 @@ def resolve_grid(form: AttentionForm, planned: tuple[tuple[int, int], int, bool]
         return grid, prefix, True
     if form.grid is not None:
         return form.grid, form.num_prefix_tokens, False
-    if min(grid) > 1 and prefix == 0:  # a square token count; prefix tokens must be seen in the dataflow
-        return grid, prefix, False
+    if prefix == 0 and grid[0] * grid[1] == form.num_tokens and (min(grid) > 1 or grid == (1, 1)):
+        return grid, prefix, False  # a square token count (prefix tokens must be seen in the dataflow)
     raise _refuse(
         form.name, form.type_name, f"it attends over {form.num_tokens} tokens that form no 2-D grid (no patch-embedding "
         "grid, no (H, W) map they were flattened from, not a square count); ParC mixes "

@@ -16,6 +16,7 @@ trace are still handled through the recorded forward (the hooks), and the report
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from torch import nn
 from .dataflow import Dataflow, DataflowRecorder, ModuleCall
 from .errors import TraceError
 
-__all__ = ["CallRecord", "ProbeResult", "example_input", "probe_model", "trace_model"]
+__all__ = ["CallRecord", "ProbeResult", "example_input", "module_state_kept", "probe_model", "trace_model"]
 
 _aten = torch.ops.aten
 _MATMUL_OPS = {"mm", "bmm", "matmul", "baddbmm", "addmm", "einsum", "_unsafe_view_mm"}
@@ -232,6 +233,30 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
     # records under the canonical (first) name only; expose aliases separately
     return ProbeResult(
         tuple(x.shape), tuple(t.shape) if t is not None else None, calls, attention, alias_map, t, other, recorder.flow
+    )
+
+
+@contextlib.contextmanager
+def module_state_kept(model: nn.Module):
+    """Restore every module's plain attributes (ints, floats, bools, strings, tuples of them) afterwards.
+
+    Some forwards change their own configuration with the input size (``transformers``' Swin shrinks its
+    window when the feature map is smaller, and keeps it): a forward at another size must not change what the
+    model does at the size it was converted for.
+    """
+    saved = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_") and _is_plain(v)}) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            for k, v in attrs.items():
+                if m.__dict__.get(k, v) is not v:
+                    m.__dict__[k] = v
+
+
+def _is_plain(v) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str)) or (
+        isinstance(v, tuple) and all(isinstance(i, (bool, int, float, str)) for i in v)
     )
 
 
