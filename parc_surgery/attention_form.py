@@ -21,6 +21,7 @@ computed from the model input is refused.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -28,9 +29,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from .attention_carry import Carried, Projection, find_projection, out_carry, value_carry
+from .attention_carry import Carried, Projection, find_projection, out_carry, param_derived, value_carry
 from .attention_labels import Unreplayable
-from .attention_labels import LAYOUT_OPS
 from .attention_ops import Core, OpGraph, find_cores, is_sdpa_op
 from .dataflow import METADATA_OPS, Dataflow, ModuleCall, Opaque, TRef
 from .errors import UnsupportedTargetError
@@ -78,15 +78,48 @@ def _refuse(name: str, type_name: str, why: str) -> UnsupportedTargetError:
     return UnsupportedTargetError(f"{name} ({type_name}): {why}")
 
 
-def _layout(module: nn.Module, shape: tuple[int, ...], first: Projection | None) -> Layout | None:
+def _layout(module: nn.Module, flow: Dataflow, ref: int, g: OpGraph, first: Projection | None) -> Layout | None:
+    """The layout of the token tensor ``ref``; a 4-D one is (B, C, H, W) when the projection reading it is a conv
+    or takes ``shape[1]`` features (after a flatten / permute), else (B, H, W, C)."""
+    shape = flow.tensors[ref].shape
     if len(shape) == 3:
         batch_first = getattr(module, "batch_first", True)
         return "tokens_first" if isinstance(module, nn.MultiheadAttention) and not batch_first else "tokens"
-    if len(shape) == 4:
-        if first is not None and first.conv:
-            return "nchw"
-        return "nhwc" if first is not None else None
-    return None
+    if len(shape) != 4 or first is None:
+        return None
+    if first.conv:
+        return "nchw"
+    c = flow.tensors[first.token].shape[-1]
+    if shape[1] == c and shape[3] != c:
+        return "nchw"
+    if shape[3] == c and shape[1] != c:
+        return "nhwc"
+    moved = any(op.name in ("permute", "transpose") for op in g.ops if ref in op.inputs)
+    return "nchw" if moved else "nhwc"
+
+
+def _gates(g: OpGraph, op, derived: set[int]) -> bool:
+    """Whether ``op``'s result only multiplies the attention's result (a gate), never adds to it."""
+    stack, seen = list(op.outputs), set()
+    while stack:
+        for u in g.users.get(stack.pop(), ()):
+            if u.index in seen:
+                continue
+            seen.add(u.index)
+            if any(i in derived for i in u.inputs):
+                if u.name not in ("mul", "mul_"):
+                    return False
+                continue
+            stack.extend(u.outputs)
+    return bool(seen)
+
+
+def _on_tokens_with_params(g: OpGraph, op, derived: set[int]) -> bool:
+    """A computation on the tokens with parameters (a norm, a projection) that does not read the attention's result."""
+    tainted = [r for r in op.inputs if g.tainted(r)]
+    if not tainted or any(r in derived for r in tainted) or op.name in METADATA_OPS:
+        return False
+    return any(not g.tainted(r) and param_derived(g.flow, r) for r in op.inputs)
 
 
 def _channels(shape: tuple[int, ...], layout: Layout) -> int:
@@ -140,24 +173,36 @@ def find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> Att
     notes = _check_masks(g, cores, t, x, name, kind_name)
     derived = g.forward(core_outs)
     core_ops = {c.op for c in cores}
-    before_cores = g.backward_ops([r for c in cores for r in (c.q, c.k, c.v)])
+    before_cores = g.backward_ops([r for c in cores for r in (c.q, c.k, c.v, *c.masks)])
     after = [
         p for op in g.ops
         if (p := find_projection(flow, op)) is not None and p.token in derived and op.index not in before_cores
     ]  # fmt: skip
+    qkv_ops = {p.op.index for c in cores for r in (c.q, c.k, c.v) for p in g.projections(r)[0]}
+    # a path from the input to the output around the attention (a residual, a parallel MLP), or computation on
+    # the tokens neither feeding nor following the attention: the module is more than an attention
     bypass = y in g.forward(
-        [x], skip=lambda op: op.index in core_ops or (op.name in ("mul", "mul_") and any(i in derived for i in op.inputs))
-    )
-    exact = g.layout_root(t) == x and not bypass and len(after) <= 1 and y in derived
+        [x],
+        skip=lambda op: op.index in core_ops or op.index in qkv_ops
+        or (op.name in ("mul", "mul_") and any(i in derived for i in op.inputs)),
+    )  # fmt: skip
+    inside = derived | g.forward([r for i in qkv_ops for r in flow.ops[i].outputs])  # after the projections
+    side = [
+        op for op in g.ops
+        if op.index not in before_cores and _on_tokens_with_params(g, op, inside) and not _gates(g, op, derived)
+    ]  # fmt: skip
+    exact = not bypass and not side and len(after) <= 1 and y in derived
     proj = min(after, key=lambda p: p.op.index) if after else None
-    layout = _layout(module, flow.tensors[t].shape, first_q[0] if first_q else None)
+    src = x if exact else t  # the mixer's input: the module's input when it replaces the module
+    layout = _layout(module, flow, src, g, first_q[0] if first_q else None)
     if layout is None:
-        raise _refuse(name, kind_name, f"its token input {tuple(flow.tensors[t].shape)} is not (B, N, C), (B, C, H, W) "
+        raise _refuse(name, kind_name, f"its token input {tuple(flow.tensors[src].shape)} is not (B, N, C), (B, C, H, W) "
                       "or (B, H, W, C)")  # fmt: skip
-    dim = _channels(flow.tensors[t].shape, layout)
+    dim = _channels(flow.tensors[src].shape, layout)
     if exact:
         merged, mdim = (proj.token, proj.channel_dim) if proj else (y, 1 if layout == "nchw" else -1)
-        out_dim = _channels(flow.tensors[y].shape, layout) if len(flow.tensors[y].shape) == len(flow.tensors[t].shape) else 0
+        same_rank = len(flow.tensors[y].shape) == len(flow.tensors[x].shape)
+        out_dim = _channels(flow.tensors[y].shape, layout) if same_rank else 0
         notes += _check_outputs(call, y, name, kind_name)
         if not call.args or call.args[0] != TRef(x):
             raise _refuse(name, kind_name, "its token input is not its first positional argument")
@@ -171,7 +216,7 @@ def find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> Att
     attn_dim = int(flow.tensors[merged].shape[mdim])
     if not exact:
         out_dim = attn_dim
-    value, why = _value_carry(g, cores, t, dim, merged, mdim, name + ".")
+    value, why = _value_carry(g, cores, src, dim, merged, mdim, name + ".")
     if why:
         notes += (f"value projection not carried ({why}): the mixer's v starts from a fresh initialisation",)
     pcarry = None
@@ -188,63 +233,43 @@ def find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> Att
     q_params = tuple(dict.fromkeys(_pname(flow, p.weight, prefix) for p in first_q))
     grid = None
     if layout in ("tokens", "tokens_first"):
-        n = int(flow.tensors[t].shape[1 if layout == "tokens" else 0])
-        grid = find_token_grid(flow, t, n, dim)
+        n = int(flow.tensors[src].shape[1 if layout == "tokens" else 0])
+        grid = find_token_grid(flow, src, n, dim)
     return AttentionForm(
-        name, kind_name, "module" if exact else "inline", layout, tuple(flow.tensors[t].shape), dim, attn_dim,
+        name, kind_name, "module" if exact else "inline", layout, tuple(flow.tensors[src].shape), dim, attn_dim,
         out_dim, value, pcarry, tuple(q for q in q_params if q), _pname(flow, proj.weight, prefix) if proj else None,
         tuple(consumed), call, {r: flow.tensors[r].shape for r in ins + outs}, notes,
         grid[0] if grid else None, grid[1] if grid else None,
     )  # fmt: skip
 
 
-def find_token_grid(flow: Dataflow, ref: int, n: int, channels: int, *, steps: int = 64):
+def find_token_grid(flow: Dataflow, ref: int, n: int, channels: int, *, limit: int = 256):
     """((H, W), prefix) of the 2-D map ``n`` tokens of width ``channels`` were flattened from, else ``None``.
 
-    Walks back from ``ref`` along the token path (layout ops, a class token's ``cat``, residual adds, position
-    embeddings, norms; never into a projection or an attention) to the nearest (B, C, H, W) or (B, H, W, C)
-    tensor with ``H * W = n - p`` for at most 16 prefix tokens ``p``: the patch embedding's output for a ViT,
-    the window view for windowed attention.
+    Searches back from ``ref`` along the token path (layout ops, a class token's ``cat``, residual adds, position
+    embeddings, norms; never through a projection or an attention) for the nearest (B, C, H, W) or
+    (B, H, W, C) tensor with ``H * W = n - p`` for at most 16 prefix tokens ``p``: the patch embedding's
+    output for a ViT, the window view for windowed attention.
     """
-    seen = set()
-    while ref is not None and steps > 0 and ref not in seen:
-        seen.add(ref)
-        steps -= 1
-        s = flow.tensors[ref].shape
+    seen, queue = {ref}, collections.deque([ref])
+    while queue and len(seen) < limit:
+        r = queue.popleft()
+        s = flow.tensors[r].shape
         if len(s) == 4:
             for hw in ((s[2], s[3]) if s[1] == channels else (), (s[1], s[2]) if s[3] == channels else ()):
                 if hw and 0 <= n - hw[0] * hw[1] <= 16 and hw[0] * hw[1] > 0:
                     return (int(hw[0]), int(hw[1])), n - hw[0] * hw[1]
-        op = flow.producer(ref)
-        if op is None or _computes(flow, op):
-            return None
-        ins = [r for r in op.inputs if flow.tensors[r].tainted]
-        ranked = sorted(ins, key=lambda r: (_behind_projection(flow, r), -_numel(flow.tensors[r].shape)))
-        ref = ranked[0] if ranked else None
+        op = flow.producer(r)
+        if op is None or op.name in _PATH_STOPS or is_sdpa_op(op.name):
+            continue
+        for i in op.inputs:
+            if flow.tensors[i].tainted and i not in seen:
+                seen.add(i)
+                queue.append(i)
     return None
 
 
 _PATH_STOPS = frozenset({"mm", "bmm", "addmm", "baddbmm", "convolution", "_convolution"})
-
-
-def _computes(flow: Dataflow, op) -> bool:
-    """A projection, matmul or attention core: the token path does not go through it."""
-    return op.name in _PATH_STOPS or is_sdpa_op(op.name)
-
-
-def _behind_projection(flow: Dataflow, ref: int) -> bool:
-    """Whether the nearest op before ``ref`` that is not a layout op is a projection / matmul / attention."""
-    for _ in range(16):
-        op = flow.producer(ref)
-        if op is None:
-            return False
-        if op.name not in LAYOUT_OPS:
-            return _computes(flow, op)
-        ins = [r for r in op.inputs if flow.tensors[r].tainted]
-        if len(ins) != 1:
-            return False
-        ref = ins[0]
-    return False
 
 
 def _numel(shape) -> int:

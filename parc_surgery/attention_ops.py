@@ -16,6 +16,8 @@ from .dataflow import METADATA_OPS, Dataflow, TRef
 
 __all__ = ["MATMUL_OPS", "SOFTMAX_OPS", "Core", "OpGraph", "find_cores", "is_sdpa_op"]
 
+_PASS = frozenset({"clamp", "clamp_min", "clamp_max", "hardtanh", "native_dropout", "dropout"})
+
 SOFTMAX_OPS = frozenset({"_softmax", "softmax", "_safe_softmax", "_log_softmax"})
 MATMUL_OPS = frozenset({"mm", "bmm", "matmul", "baddbmm", "addmm", "einsum", "_unsafe_view_mm"})
 _OPERANDS = {"addmm": (1, 2), "baddbmm": (1, 2)}  # else (0, 1)
@@ -97,10 +99,11 @@ class OpGraph:
         return out
 
     def layout_root(self, ref: int) -> int:
-        """Walk back through layout ops with one token input (reshape, permute, pad, window partition, ...)."""
+        """Walk back through layout ops with one token input (reshape, permute, pad, window partition, ...) and
+        value-preserving ones (dtype casts, clamps, dropout)."""
         while True:
             op = self.producer(ref)
-            if op is None or op.name not in LAYOUT_OPS:
+            if op is None or (op.name not in LAYOUT_OPS and op.name not in _PASS):
                 return ref
             ins = [i for i in op.inputs if self.tainted(i)]
             if len(ins) != 1 or op.name in ("cat", "stack"):

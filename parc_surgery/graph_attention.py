@@ -80,8 +80,8 @@ def trace_block(module: nn.Module, call) -> torch.fx.GraphModule:
 
 def _uses_param(node: torch.fx.Node, gm: torch.fx.GraphModule, param: str) -> bool:
     """Whether ``node`` applies the weight ``param`` (a submodule call owning it, or a linear / conv / matmul on it)."""
-    if node.op == "call_module":
-        return param.startswith(node.target + ".") and param.count(".") == node.target.count(".") + 1
+    if node.op == "call_module":  # the submodule holding the weight (every submodule is a traced leaf)
+        return param.startswith(node.target + ".")
     if node.op == "call_function" and node.target in _LINEAR_FNS and len(node.args) >= 2:
         w = node.args[1]
         while isinstance(w, torch.fx.Node) and w.op in ("call_method", "call_function") and w.args:
@@ -163,7 +163,8 @@ def plan_inline_rewrite(module: nn.Module, form) -> InlinePlan:
         raise UnsupportedTargetError(f"the {type_name}'s output projection does not read a traced tensor")
     region = _region(gm.graph, t, o, type_name)
     shapes = _shapes(gm, form.call, form.shapes)
-    if shapes and (shapes.get(t.name) != tuple(form.token_shape) or shapes.get(o.name, (0,))[-1] != form.attn_dim):
+    cdim = 1 if form.layout == "nchw" else -1
+    if shapes and (shapes.get(t.name) != tuple(form.token_shape) or shapes.get(o.name, (0,))[cdim] != form.attn_dim):
         raise UnsupportedTargetError(
             f"the {type_name}'s traced forward does not match its recorded attention (token input "
             f"{shapes.get(t.name)} vs {tuple(form.token_shape)}); it cannot be rewritten"
@@ -218,7 +219,7 @@ def _region(graph: torch.fx.Graph, t: torch.fx.Node, o: torch.fx.Node, type_name
             continue
         anc.add(n)
         stack.extend(a for a in n.all_input_nodes)
-    region = (desc & anc) | {o}
+    region = {n for n in (desc & anc) if not _is_metadata(n)} | {o}
     for n in region - {o}:
         outside = [u for u in n.users if u not in region]
         if outside:
@@ -227,6 +228,17 @@ def _region(graph: torch.fx.Graph, t: torch.fx.Node, o: torch.fx.Node, type_name
                 f"{outside[0].format_node()}; only a self-contained attention can be rewritten"
             )
     return region
+
+
+def _is_metadata(node: torch.fx.Node, _memo: dict | None = None) -> bool:
+    """A node computing sizes, not tensors: ``x.shape`` / ``x.size()`` / ``x.dim()`` and arithmetic on them."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
+        return node.args[1] in ("shape", "dtype", "device", "ndim", "is_cuda")
+    if node.op == "call_method" and node.target in ("size", "dim", "numel"):
+        return True
+    if node.op == "call_function" and getattr(node.target, "__module__", "") in ("_operator", "operator", "math"):
+        return bool(node.all_input_nodes) and all(_is_metadata(a) for a in node.all_input_nodes)
+    return False
 
 
 def _keep_the_rest(gm: torch.fx.GraphModule, work: nn.Module, used: set, region_targets: set) -> torch.fx.GraphModule:
