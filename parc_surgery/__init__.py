@@ -11,6 +11,7 @@ Quickstart::
 from . import timm_models  # noqa: F401  (registers parcnet_s & co. with timm)
 from .api import Candidates, Conversion, convert, list_candidates
 from .blocks import BlockContext, CarryRecord, ReplacementBlock, get_block, list_blocks, register_block
+from .checkpoint import load, read_manifest, save
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -22,7 +23,6 @@ from .errors import (
     ValidationError,
 )
 from .flops import count_macs, count_params
-from .io import load, read_manifest, save
 from .ops import ParC
 from .plan import Plan
 from .report import Check, Report

@@ -30,6 +30,7 @@ from .flops import count_macs, count_macs_impls, count_params
 from .match import TargetDiagnostic, select_candidates
 from .ops import ParC
 from .plan import Plan, PlannedTarget, PlanResult, Refusal, plan_targets, refusal_error
+from .preserved import check_preserved
 from .probe import ProbeResult, _timm_leaves, example_input, module_state_kept, probe_model, trace_model
 from .report import Check, Report, TargetReport
 from .rewrite import apply_plan, rewrite_notes
@@ -112,7 +113,8 @@ class Candidates:
         if self.selected is not None:
             lines.append(f"selected by the rule: {len(self.selected)}")
             for t in self.selected:
-                lines.append(f"  {t.name} -> {t.block} (kernel {t.ctx.kernel_hw}, pe={t.ctx.pe})")
+                form = f"; {t.ctx.residual.describe()}" if t.ctx.residual is not None else ""
+                lines.append(f"  {t.name} -> {t.block} (kernel {t.ctx.kernel_hw}, pe={t.ctx.pe}){form}")
             for d in self.diagnostics:
                 lines.append(f"  {d.describe()}")
             if self.refused:
@@ -349,7 +351,9 @@ def convert(
         impl: override every target's ParC implementation (``spatial`` / ``fft`` / ``auto``).
         init: override every target's initialisation (``warm_start`` / ``reference``).
         seed: seeds the new weights: the same model, rule and seed give bit-identical weights.
-        validate: run the checks of :mod:`parc_surgery.validate` and record them in the report.
+        validate: run the checks of :mod:`parc_surgery.validate` and record them in the report. The ``preserved``
+            check (:mod:`parc_surgery.preserved`: every input tensor kept bit-identical or in a carry record) runs
+            always.
         count: count MACs before/after (FlopCounterMode, spatial formulation; FFT too).
         strict: raise :class:`ValidationError` (carrying ``.conversion``) if a check fails.
         model_name: name used in the report (default: timm's architecture name or the class name).
@@ -370,11 +374,21 @@ def convert(
     work = _copy(model)  # everything happens on this copy; the user's model is never run or touched
     with _user_hooks_detached(work), _guard("converting the model", UnsupportedTargetError):
         return _convert(
-            work, r, size, name, impl=impl, init=init, seed=seed, validate=validate, count=count, strict=strict
+            work,
+            r,
+            size,
+            name,
+            original=model,
+            impl=impl,
+            init=init,
+            seed=seed,
+            validate=validate,
+            count=count,
+            strict=strict,
         )
 
 
-def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) -> Conversion:
+def _convert(work, r, size, name, *, original, impl, init, seed, validate, count, strict) -> Conversion:
     with _guard("probing the model", TraceError):
         survey = _survey(work, size)
     with _guard("planning the conversion", UnsupportedTargetError):
@@ -390,7 +404,7 @@ def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) 
     x2 = example_input(work, second_size(size))
     ref = ref2 = None
     if validate:
-        ref = survey.probe.output  # the probe ran the unconverted copy in eval mode without grad
+        ref = survey.probe.raw_output  # the probe ran the unconverted copy in eval mode without grad
         with module_state_kept(work):  # a forward at another size may change a stateful model
             ref2 = eval_forward(work, x2)
     params_before = count_params(work)
@@ -408,10 +422,11 @@ def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) 
     # one meta pass for both ParC formulations (spatial: the papers' count; fft: Fast-ParC)
     after_by_impl, why_a = _macs(work, size, fn=count_macs_impls) if count else (None, "")
     after, after_fft = (after_by_impl["spatial"], after_by_impl["fft"]) if after_by_impl else (None, None)
-    checks: list[Check] = []
+    with _guard("checking that nothing of the input was lost", ValidationError):
+        checks: list[Check] = [check_preserved(original, work, targets, carry)]  # always on
     if validate:
         with _guard("validating the converted model", ValidationError), module_state_kept(work):
-            checks = validate_model(
+            checks += validate_model(
                 work,
                 targets,
                 x=survey.x,
@@ -465,7 +480,7 @@ def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) 
         notes=tuple(report_notes),
     )
     conv = Conversion(work, plan, report, carry, r)
-    if strict and validate and not report.passed:
+    if strict and not report.passed:
         failed = [c for c in checks if not c.passed]
         err = ValidationError(
             f"{len(failed)} check(s) failed on the converted {name}: "

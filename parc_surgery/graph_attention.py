@@ -275,11 +275,14 @@ def _is_plain(v) -> bool:
 
 
 def _record(gm: nn.Module, module: nn.Module, name: str, built: CarryBuilder) -> CarryRecord:
-    old = dict(module.named_parameters())
+    """Relative to the block: the mixer's carried tensors (under ``name``), and every tensor the rewrite removed
+    that the mixer does not carry declared dropped (the query / key side, the attention's own tables). The rest
+    stays at its own name, bit-identical, and needs no record."""
     carry = CarryBuilder()
-    for n, p in gm.named_parameters():
-        if n in old and p is not None and not n.startswith(name + "."):
-            carry.kept.append((n, n))
     carry.kept.extend((f"{name}.{a}", b) for a, b in built.kept)
+    carry.buffers_kept.extend((f"{name}.{a}", b) for a, b in built.buffers_kept)
     carry.transformed.extend((f"{name}.{a}", olds, how) for a, olds, how in built.transformed)
+    sources = {o for _, o in built.kept} | {o for _, olds, _ in built.transformed for o in olds}
+    remaining = set(gm.state_dict(keep_vars=True))
+    carry.drop(*(n for n in module.state_dict(keep_vars=True) if n not in remaining and n not in sources))
     return carry.finish(gm, module)

@@ -15,7 +15,9 @@ Precedence (one rule, documented once):
 3. Within a target, when a module and one of its descendants are both selected, the outermost wins.
 4. A stage selection ``fraction: f`` takes the last ``round(n * f)`` blocks (at least one) of each
    named stage; the stage's first block is left out when it changes the feature shape (the strided /
-   widening block), unless ``include_first: true``.
+   widening block), unless ``include_first: true``. It matches those blocks and every module inside
+   them: alone it selects the blocks (rule 3), and together with ``type: Conv2d`` (or a name) it selects
+   the convs (the matching modules) *inside* the blocks of those stage fractions.
 
 Names match exactly, as shell globs (``*``, ``?``, ``[...]``), or as full regular expressions with a
 ``re:`` prefix. Types match a class name or dotted path anywhere in the module's MRO (subclasses
@@ -113,23 +115,30 @@ def _stage_members(sel: Selector, stages: list[Stage]) -> dict[str, tuple[int, i
 
 
 def _criteria(sel: Selector, modules: dict[str, nn.Module], probe: ProbeResult, stages: list[Stage]):
-    """Yield (description, set of matching canonical names) for each criterion given in ``sel``."""
+    """(description, set of matching canonical names, count shown) for each criterion given in ``sel``.
+
+    A stage selection matches the selected blocks *and every module inside them*: with no other criterion the
+    blocks win (rule 3, outermost), with ``type: Conv2d`` (or a name pattern) the modules inside them that match.
+    """
     out = []
     if sel.types:
         hit = {n for n, m in modules.items() if any(_type_matches(m, t, sel.exact) for t in sel.types)}
-        out.append((f"type {list(sel.types)}" + (" (exact)" if sel.exact else ""), hit))
+        out.append((f"type {list(sel.types)}" + (" (exact)" if sel.exact else ""), hit, len(hit)))
     if sel.names:
         hit = {n for n in modules if any(_name_matches(p, probe.aliases.get(n, (n,))) for p in sel.names)}
-        out.append((f"name {list(sel.names)}", hit))
+        out.append((f"name {list(sel.names)}", hit, len(hit)))
     if sel.stages:
-        members = _stage_members(sel, stages)
+        members = set(_stage_members(sel, stages)) & set(modules)
+        prefixes = tuple(f"{m}." for m in members)
+        hit = members | {n for n in modules if n.startswith(prefixes)} if members else set()
         desc = "; ".join(
             f"stage {list(s.stages)} last {s.fraction}" + (" incl. first" if s.include_first else "")
             for s in sel.stages
         )
-        out.append((f"stages [{desc}] of {len(stages)} found", set(members) & set(modules)))
+        out.append((f"stages [{desc}] of {len(stages)} found (blocks)", hit, len(members)))
     if sel.attention:
-        out.append(("attention (detected by tracing)", set(probe.attention) & set(modules)))
+        hit = set(probe.attention) & set(modules)
+        out.append(("attention (detected by tracing)", hit, len(hit)))
     return out
 
 
@@ -141,6 +150,13 @@ class TargetCandidates:
     block: str
     selections: list[Selection]
     diagnostic: TargetDiagnostic
+
+
+def _parents(name: str):
+    """``a.b.c`` -> ``a.b``, ``a``."""
+    while "." in name:
+        name = name.rsplit(".", 1)[0]
+        yield name
 
 
 def _holds_parc(mod: nn.Module) -> bool:
@@ -162,13 +178,13 @@ def select_candidates(model: nn.Module, rule: Rule, probe: ProbeResult, stages: 
     for ti, target in enumerate(rule.targets):
         diag = TargetDiagnostic(ti, target.block)
         crit = _criteria(target.select, modules, probe, stages)
-        diag.criteria = [(d, len(h)) for d, h in crit]
+        diag.criteria = [(d, k) for d, _, k in crit]
         chosen = set(modules)
-        for _, hit in crit:
+        for _, hit, _ in crit:
             chosen &= hit
         if target.exclude is not None and not target.exclude.is_empty:
             excluded = set(modules)
-            for _, hit in _criteria(target.exclude, modules, probe, stages):
+            for _, hit, _ in _criteria(target.exclude, modules, probe, stages):
                 excluded &= hit
             # excluding a module excludes everything inside it
             excluded |= {n for n in chosen if any(n.startswith(e + ".") for e in excluded)}
@@ -189,7 +205,7 @@ def select_candidates(model: nn.Module, rule: Rule, probe: ProbeResult, stages: 
         for n in outer:
             if n in done:
                 continue
-            st = stage_of.get(n)
+            st = stage_of.get(n) or next((stage_of[p] for p in _parents(n) if p in stage_of), None)
             sels.append(Selection(n, probe.aliases.get(n, (n,)), ti, st[0] if st else None, st[1] if st else None))
         out.append(TargetCandidates(ti, target.block, sels, diag))
     return out

@@ -20,6 +20,7 @@ from .blocks import BlockContext, get_block_spec
 from .errors import ParcSurgeryError, UnsupportedTargetError
 from .match import Selection, TargetCandidates, TargetDiagnostic
 from .probe import ProbeResult
+from .residual import find_residual
 from .rule import Rule
 from .stages import Stage
 
@@ -65,6 +66,7 @@ class PlannedTarget:
             "impl": c.impl,
             "init": c.init,
             "width_mult": c.width_mult,
+            "residual": c.residual.describe() if c.residual is not None else None,
             "options": {k: v for k, v in c.options.items() if isinstance(v, (int, float, str, bool, type(None)))},
         }
 
@@ -146,10 +148,18 @@ def _channels_last(module: nn.Module, shape: tuple[int, ...]) -> bool:
 def _context(
     model: nn.Module, rule: Rule, probe: ProbeResult, sel: Selection, *, pe: bool, impl: str | None, init: str | None
 ) -> BlockContext:
-    opts = rule.targets[sel.target_index].options
+    target = rule.targets[sel.target_index]
+    opts = target.options
     rec = probe.calls[sel.name]
-    feat, tokens = _feature_size(model, rec.in_shape, model.get_submodule(sel.name))
-    form = attention_form_or_error(model, probe, sel.name) if sel.name in probe.attention else None
+    mod = model.get_submodule(sel.name)
+    feat, tokens = _feature_size(model, rec.in_shape, mod)
+    spec = get_block_spec(target.block)
+    residual = None
+    if spec.uses_residual and not isinstance(mod, nn.Conv2d):
+        residual = find_residual(mod)  # the block's fx graph, read once per target
+    form = None
+    if spec.uses_attention and sel.name in probe.attention:
+        form = attention_form_or_error(model, probe, sel.name)  # what the attention computes, read once
     if isinstance(form, AttentionForm):  # sized from the attention's own tokens ((N, B, C) for some MHA)
         try:
             n = form.num_tokens
@@ -168,6 +178,7 @@ def _context(
         source_in_shape=rec.in_shape,
         source_out_shape=rec.out_shape,
         attention=form,
+        residual=residual,
         **tokens,
     )
 

@@ -20,6 +20,7 @@ import contextlib
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
@@ -73,6 +74,7 @@ class ProbeResult:
     aliases: dict[str, tuple[str, ...]]  # name -> every qualified name of the same module object
     output: torch.Tensor | None = None  # the (first tensor of the) model output
     other_attention: tuple[str, ...] = ()  # attention that is no token mixer (pooling, class / cross attention)
+    raw_output: Any = None  # the model output as returned (a tensor, tuple, dict or ModelOutput)
     flow: Dataflow = field(default_factory=Dataflow)  # every aten op of the forward, tensors by reference
     forms: dict = field(default_factory=dict)  # name -> AttentionForm or its refusal (attention_form's cache)
 
@@ -232,7 +234,8 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
             alias_map[n] = tuple(names)
     # records under the canonical (first) name only; expose aliases separately
     return ProbeResult(
-        tuple(x.shape), tuple(t.shape) if t is not None else None, calls, attention, alias_map, t, other, recorder.flow
+        tuple(x.shape), tuple(t.shape) if t is not None else None, calls, attention, alias_map, t, other, out,
+        recorder.flow,
     )
 
 

@@ -7,6 +7,10 @@ Rules name blocks only through this registry (``register_block`` decorator, ``ge
 * ``replaces``: dotted class names of the modules it is built from (discovery, ``list_candidates``);
 * ``skip_unsupported``: ``True`` for a lenient (generic fallback) block: a module it refuses is left out of
   the conversion with a note instead of failing it;
+* ``uses_attention``: ``True`` for a block that reads ``ctx.attention``: for a module the probe detected as an
+  attention, the engine then reads what it computes (:func:`parc_surgery.attention_form.find_attention_form`);
+* ``uses_residual``: ``True`` for a block that reads ``ctx.residual``: the engine then reads the source's fx
+  graph once (:func:`parc_surgery.residual.find_residual`) and passes its residual structure;
 * ``check_source(module, ctx) -> None``: raise :class:`UnsupportedTargetError` (naming the module type and
   the reason) if the block cannot replace ``module``; called once per target before anything is built, so a
   failed conversion touches nothing;
@@ -29,11 +33,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from torch import nn
 
 from ..errors import ConfigError, NoMatchError
+
+if TYPE_CHECKING:
+    from ..residual import ResidualForm
 
 __all__ = [
     "BlockContext",
@@ -71,9 +78,11 @@ class BlockContext:
         num_tokens: the token count of a (B, N, C) input.
         num_prefix_tokens: leading tokens outside the 2-D grid (class / distillation / register tokens).
         patch_grid: whether the grid is the model's patch-embedding grid (``False``: guessed from the count).
-        attention: for a detected attention, its :class:`~parc_surgery.attention_form.AttentionForm` (what the
-            attention computes, how it is called, what it returns), or the ``UnsupportedTargetError`` saying why it
-            cannot be rewritten.
+        attention: for a detected attention (blocks that declare ``uses_attention``), its
+            :class:`~parc_surgery.attention_form.AttentionForm` (what it computes, how it is called, what it
+            returns), or the ``UnsupportedTargetError`` saying why it cannot be rewritten.
+        residual: the source block's residual structure read from its fx graph (blocks that declare
+            ``uses_residual``; ``None`` otherwise or when the module is a conv itself).
     """
 
     feature_size: tuple[int, int]
@@ -89,6 +98,7 @@ class BlockContext:
     num_prefix_tokens: int | None = None
     patch_grid: bool | None = None
     attention: Any = None
+    residual: ResidualForm | None = None
 
     @property
     def kernel_hw(self) -> tuple[int, int]:
@@ -105,6 +115,8 @@ class ReplacementBlock(nn.Module):
     block_name: ClassVar[str] = ""  # set by register_block
     replaces: ClassVar[tuple[str, ...]] = ()
     skip_unsupported: ClassVar[bool] = False
+    uses_residual: ClassVar[bool] = False
+    uses_attention: ClassVar[bool] = False
 
     @classmethod
     def check_source(cls, module: nn.Module, ctx: BlockContext) -> None:
@@ -127,7 +139,9 @@ class BlockSpec:
     cls: type[nn.Module]
     replaces: tuple[str, ...]
     skip_unsupported: bool
+    uses_residual: bool
     attach: Callable[[nn.Module, list[tuple[str, nn.Module]]], None] | None
+    uses_attention: bool = False
 
     def check_source(self, module: nn.Module, ctx: BlockContext) -> None:
         self.cls.check_source(module, ctx)
@@ -142,19 +156,23 @@ def _spec(name: str, cls: type[nn.Module]) -> BlockSpec:
         if not callable(getattr(cls, meth, None)):
             raise ConfigError(f"{where} must define classmethod {meth}() (subclass parc_surgery.ReplacementBlock)")
     if issubclass(cls, ReplacementBlock):
-        replaces, lenient = cls.replaces, cls.skip_unsupported
+        replaces, lenient, residual = cls.replaces, cls.skip_unsupported, cls.uses_residual
+        attention = cls.uses_attention
         attach = None if cls.attach.__func__ is ReplacementBlock.attach.__func__ else cls.attach
     else:  # the protocol without the base class: its optional attributes, read and checked here once
         replaces = getattr(cls, "replaces", ())
         lenient = getattr(cls, "skip_unsupported", False)
+        residual = getattr(cls, "uses_residual", False)
+        attention = getattr(cls, "uses_attention", False)
         attach = getattr(cls, "attach", None)
     if not (isinstance(replaces, tuple) and all(isinstance(r, str) for r in replaces)):
         raise ConfigError(f"{where}.replaces must be a tuple of dotted class names, got {replaces!r}")
-    if not isinstance(lenient, bool):
-        raise ConfigError(f"{where}.skip_unsupported must be a bool, got {lenient!r}")
+    for attr, value in (("skip_unsupported", lenient), ("uses_residual", residual), ("uses_attention", attention)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}.{attr} must be a bool, got {value!r}")
     if attach is not None and not callable(attach):
         raise ConfigError(f"{where}.attach must be a classmethod attach(model, placements), got {attach!r}")
-    return BlockSpec(name, cls, tuple(replaces), lenient, attach)
+    return BlockSpec(name, cls, tuple(replaces), lenient, residual, attach, attention)
 
 
 def register_block(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:

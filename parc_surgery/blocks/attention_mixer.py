@@ -91,6 +91,7 @@ class ParCTokenMixer(ParCTokenMixerBase, ReplacementBlock):
     """A :class:`~parc_surgery.blocks.token_mixer.ParCTokenMixerBase` called like the module it replaces."""
 
     replaces = ("timm.layers.attention.Attention",)
+    uses_attention = True
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         spec: _CallSpec | None = getattr(self, "_call", None)
@@ -142,7 +143,8 @@ class ParCTokenMixer(ParCTokenMixerBase, ReplacementBlock):
         _adopt_attributes(block, module)
         if mha:  # nn.TransformerEncoderLayer reads it to choose its fused fast path: None sends it to the module
             block.in_proj_bias = None
-        return block, carry.finish(block, module)
+        # the form found the module to be exactly an attention: what is not carried (q / k, tables) is dropped
+        return block, carry.finish(block, module, drop_unused=True)
 
     @classmethod
     def _build(cls, form, module: nn.Module, ctx: BlockContext, *, proj: bool) -> tuple[ParCTokenMixerBase, CarryBuilder]:

@@ -180,7 +180,8 @@ class ParCNetBlock(ReplacementBlock):
                 f"ParC-Net fuses cat(global, input)",
             )
             carry.copy(block.conv_fusion.bn, "conv_fusion.bn.", fbn, src.names[fbn])
-        return block, carry.finish(block, module)
+        # the whole MobileViT block is replaced by design: what has no counterpart is dropped (transformer, ...)
+        return block, carry.finish(block, module, drop_unused=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsampling_layer is not None:
