@@ -263,3 +263,62 @@ class BranchyViT(InlineViT):
     def __init__(self, dim: int = 16):
         super().__init__(dim, depth=1)
         self.blocks = nn.Sequential(BranchyBlock(dim))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The corpus sweep's entries (benchmarks/corpus_sweep.py): these models, and torchvision / transformers ones
+
+
+def _tv(name: str, **kw):
+    def build():
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, **kw)
+
+    return build
+
+
+def _hf(config: str, model: str, **kw):
+    def build():
+        import transformers
+
+        return getattr(transformers, model)(getattr(transformers, config)(**kw))
+
+    return build
+
+
+def sweep_entries() -> list[dict]:
+    """name, builder, rule, input size, source, and whether the model is meant to convert or to be refused."""
+
+    def e(name, build, rule, size, source, expect="convert"):
+        return {"name": name, "build": build, "rule": rule, "size": size, "source": source, "expect": expect}
+
+    user = [
+        e("user_inline_softmax_vit", lambda: InlineViT(sdpa=False), "attention2parc", 32, "user"),
+        e("user_inline_sdpa_vit_no_cls", lambda: InlineViT(sdpa=True, cls_token=False), "attention2parc", 32, "user"),
+        e("user_mha_vit_batch_first", lambda: MHAViT(batch_first=True), "attention2parc", 32, "user"),
+        e("user_mha_vit_seq_first", lambda: MHAViT(batch_first=False), "attention2parc", 32, "user"),
+        e("user_transformer_encoder_vit", EncoderViT, "attention2parc", 32, "user"),
+        e("user_dict_output_qkv_vit", DictViT, "attention2parc", 32, "user"),
+        e("user_cross_attention", CrossViT, "attention2parc", 32, "user", "refuse"),
+        e("user_mask_from_input", MaskedViT, "attention2parc", 32, "user", "refuse"),
+        e("user_mask_from_tokens", SelfMaskedViT, "attention2parc", 32, "user", "refuse"),
+        e("user_tokens_without_grid", NoGridNet, "attention2parc", 32, "user", "refuse"),
+        e("user_inline_untraceable", BranchyViT, "attention2parc", 32, "user", "refuse"),
+    ]
+    libs = [
+        e("tv_vit_b_16", _tv("vit_b_16"), "attention2parc", 224, "torchvision"),
+        e("tv_swin_t", _tv("swin_t"), "attention2parc", 224, "torchvision"),
+        e("tv_swin_v2_t", _tv("swin_v2_t"), "attention2parc", 256, "torchvision"),
+        e("hf_vit_base", _hf("ViTConfig", "ViTForImageClassification", num_labels=1000), "attention2parc", 224,
+          "transformers"),
+        e("hf_deit_base_distilled", _hf("DeiTConfig", "DeiTForImageClassificationWithTeacher", num_labels=1000),
+          "attention2parc", 224, "transformers"),
+        e("hf_swin_tiny", _hf("SwinConfig", "SwinForImageClassification", num_labels=1000), "attention2parc", 224,
+          "transformers"),
+        e("hf_mobilevit_s", _hf("MobileViTConfig", "MobileViTForImageClassification", num_labels=1000), "vit2parc",
+          256, "transformers"),
+        e("hf_mobilevit_s_attention", _hf("MobileViTConfig", "MobileViTForImageClassification", num_labels=1000),
+          "attention2parc", 256, "transformers"),
+    ]  # fmt: skip
+    return user + libs
