@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .attention_carry import Projection, find_projection
+from .attention_carry import Projection, find_projection, param_derived
 from .attention_labels import LAYOUT_OPS
 from .dataflow import METADATA_OPS, Dataflow, TRef
 
@@ -153,8 +153,12 @@ def find_cores(flow: Dataflow, lo: int, hi: int) -> list[Core]:
 
 
 def _score(g: OpGraph, ref: int):
-    """Walk back from a softmax's input to the matmul of two token tensors (Q, Kᵀ); the other inputs met."""
-    seen, stack, visited = set(), [ref], []
+    """Walk back from a softmax's input to the matmul of Q and Kᵀ; the other inputs met on the way.
+
+    Q and K are token tensors; keys computed from parameters alone (a learned memory) are accepted here so that
+    the form can name the cross-attention (a matmul with a parameter itself, such as relative position logits,
+    is not the score matmul)."""
+    seen, stack, visited, fallback = set(), [ref], [], None
     while stack:
         r = stack.pop(0)
         op = g.producer(r)
@@ -163,12 +167,20 @@ def _score(g: OpGraph, ref: int):
         seen.add(op.index)
         pair = _operands(op) if op.name in MATMUL_OPS else None
         if pair is not None and all(g.tainted(x) for x in pair):
-            made = {o for v in visited for o in v.outputs}
-            masks = tuple(i for v in visited for i in v.inputs if i not in made and i != op.outputs[0])
-            return pair[0], pair[1], masks
+            return _score_result(visited, op, pair)
+        if pair is not None and fallback is None and any(g.tainted(x) for x in pair):
+            other = pair[1] if g.tainted(pair[0]) else pair[0]
+            if not param_derived(g.flow, other):
+                fallback = (list(visited), op, pair)
         visited.append(op)
         stack.extend(i for i in op.inputs if g.tainted(i))
-    return None
+    return _score_result(*fallback) if fallback else None
+
+
+def _score_result(visited, op, pair):
+    made = {o for v in visited for o in v.outputs}
+    masks = tuple(i for v in visited for i in v.inputs if i not in made and i != op.outputs[0])
+    return pair[0], pair[1], masks
 
 
 def _value(g: OpGraph, ref: int):
@@ -179,9 +191,10 @@ def _value(g: OpGraph, ref: int):
             pair = _operands(op) if op.name in MATMUL_OPS else None
             if pair is not None:
                 a, b = pair
-                if a in derived and b not in derived and g.tainted(b):
+                # V: another tensor than the attention map, not a parameter (talking heads' weights mix heads)
+                if a in derived and b not in derived and not param_derived(g.flow, b):
                     return op, b, 1
-                if b in derived and a not in derived and g.tainted(a):
+                if b in derived and a not in derived and not param_derived(g.flow, a):
                     return op, a, 0
             for o in op.outputs:
                 if o not in derived and len(derived) < 256:
