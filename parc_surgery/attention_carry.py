@@ -276,7 +276,8 @@ class _CoreReplay(LabelReplay):
         info = self.flow.tensors[op.outputs[0]]
         # the core mixes tokens, not value channels: each output entry keeps its value channel's label
         lab = v[..., :1, :] if core.v_side == 1 else v[..., :, :1]  # out (..., Lq, D) / (..., D, Lq)
-        if not bool((v == lab).all()):
+        last = v[..., -1:, :] if core.v_side == 1 else v[..., :, -1:]
+        if not bool((last == lab).all()):  # mixed channels differ along the tokens (the last one is enough)
             raise Unreplayable("the value labels vary along the tokens: the channels were mixed before the core")
         self.memo[op.outputs[0]] = with_stride(lab.expand(info.shape).clone(), info.stride)
 
@@ -287,16 +288,21 @@ def gather(carried: Carried, params: dict[str, torch.Tensor], weight: torch.Tens
         if weight.is_meta:
             return
         flat = weight.view(weight.shape[0], -1)
-        for s, name in enumerate(carried.names):
-            sel = carried.rows[:, 0] == s
-            if bool(sel.any()):
-                src = params[name].detach()
-                flat[sel.to(flat.device)] = src.reshape(src.shape[0], -1)[carried.rows[sel, 1].to(src.device)].to(flat)
+        _copy_rows(carried.names, carried.rows, params, flat, lambda t: t.reshape(t.shape[0], -1))
         if bias is not None:
             bias.zero_()
             if carried.bias is not None:
-                for s, name in enumerate(carried.names):
-                    sel = carried.bias[:, 0] == s
-                    if bool(sel.any()):
-                        src = params[name].detach().reshape(-1)
-                        bias[sel.to(bias.device)] = src[carried.bias[sel, 1].to(src.device)].to(bias)
+                _copy_rows(carried.names, carried.bias, params, bias.view(-1, 1), lambda t: t.reshape(-1, 1))
+
+
+def _copy_rows(names, lab: torch.Tensor, params: dict, dst: torch.Tensor, as_rows) -> None:
+    for s, name in enumerate(names):
+        out = torch.nonzero(lab[:, 0] == s).flatten()
+        if len(out):
+            src = as_rows(params[name].detach())
+            rows = lab[out, 1]
+            a, j, n = int(rows[0]), int(out[0]), len(out)
+            if bool((rows == torch.arange(a, a + n)).all() and (out == torch.arange(j, j + n)).all()):
+                dst[j : j + n].copy_(src[a : a + n])  # one run of rows (the usual case): a slice copy
+            else:
+                dst.index_copy_(0, out.to(dst.device), src.index_select(0, rows.to(src.device)).to(dst))
