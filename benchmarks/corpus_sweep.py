@@ -142,7 +142,9 @@ def main(argv=None) -> None:
 
     data = _load(args.json) if os.path.exists(args.json) else {"commands": [], "results": {}}
     corpus = data.setdefault("corpus", {"commands": [], "results": {}})
-    corpus["commands"].append("python benchmarks/corpus_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    corpus["commands"].append(
+        "python benchmarks/corpus_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    )
     for i, n in enumerate(names, 1):
         cmd = [sys.executable, os.path.abspath(__file__), "--one", n]
         try:

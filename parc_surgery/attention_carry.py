@@ -20,9 +20,13 @@ __all__ = ["Carried", "Projection", "find_projection", "gather", "out_carry", "v
 
 _MM = {"mm": (0, 1, None), "addmm": (1, 2, 0), "bmm": (0, 1, None), "baddbmm": (1, 2, 0), "matmul": (0, 1, None)}
 _CONV = frozenset({"convolution", "_convolution", "conv2d", "conv1d"})
-_PARAM_PATH = frozenset({"t", "view", "_unsafe_view", "reshape", "permute", "transpose", "expand", "slice", "select",
-                         "split", "split_with_sizes", "chunk", "unbind", "clone", "contiguous", "alias", "detach",
-                         "unsqueeze", "squeeze", "cat", "_to_copy", "to", "zeros_like", "new_zeros", "lift_fresh"})  # fmt: skip
+_PARAM_PATH = frozenset(
+    {
+        "t", "view", "_unsafe_view", "reshape", "permute", "transpose", "expand", "slice", "select", "split",
+        "split_with_sizes", "chunk", "unbind", "clone", "contiguous", "alias", "detach", "unsqueeze", "squeeze",
+        "cat", "_to_copy", "to", "zeros_like", "new_zeros", "lift_fresh",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,9 @@ def find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> Att
             other = leaves - {t} - core_outs
             if other:
                 raise _refuse(
-                    name, kind_name, f"cross-attention: its {what} come from {_describe(flow, other.pop())}, not from "
+                    name,
+                    kind_name,
+                    f"cross-attention: its {what} come from {_describe(flow, other.pop())}, not from "
                     f"the token input {tuple(flow.tensors[t].shape)} the queries are computed from; ParC mixes one "
                     "token sequence with itself",
                 )
@@ -196,8 +198,8 @@ def find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> Att
     src = x if exact else t  # the mixer's input: the module's input when it replaces the module
     layout = _layout(module, flow, src, g, first_q[0] if first_q else None)
     if layout is None:
-        raise _refuse(name, kind_name, f"its token input {tuple(flow.tensors[src].shape)} is not (B, N, C), (B, C, H, W) "
-                      "or (B, H, W, C)")  # fmt: skip
+        shape = tuple(flow.tensors[src].shape)
+        raise _refuse(name, kind_name, f"its token input {shape} is not (B, N, C), (B, C, H, W) or (B, H, W, C)")
     dim = _channels(flow.tensors[src].shape, layout)
     if exact:
         merged, mdim = (proj.token, proj.channel_dim) if proj else (y, 1 if layout == "nchw" else -1)
@@ -286,7 +288,7 @@ def _pname(flow: Dataflow, ref: int, prefix: str) -> str | None:
         r = stack.pop()
         p = flow.tensors[r].param
         if p is not None:
-            return p[len(prefix):] if p.startswith(prefix) else None
+            return p[len(prefix) :] if p.startswith(prefix) else None
         op = flow.producer(r)
         if op is not None:
             stack.extend(op.inputs)
@@ -299,8 +301,8 @@ def _check_masks(g: OpGraph, cores: list[Core], t: int, x: int, name: str, kind_
         for m in c.masks:
             if g.tainted(m):
                 if g.leaves(m, {t, x}) - {t, x} or _compares(g, m):
-                    raise _refuse(name, kind_name, f"its attention scores are masked by {_describe(g.flow, m)} computed "
-                                  "from the model input; ParC mixes every token and has no notion of a mask")  # fmt: skip
+                    why = f"its attention scores are masked by {_describe(g.flow, m)} computed from the model input"
+                    raise _refuse(name, kind_name, why + "; ParC mixes every token and has no notion of a mask")
             elif not _from_parameters(g.flow, m):
                 notes.append(
                     f"a mask computed from the architecture alone ({tuple(g.flow.tensors[m].shape)}, e.g. Swin's "
@@ -445,7 +447,8 @@ def resolve_grid(form: AttentionForm, planned: tuple[tuple[int, int], int, bool]
     if prefix == 0 and grid[0] * grid[1] == form.num_tokens and (min(grid) > 1 or grid == (1, 1)):
         return grid, prefix, False  # a square token count (prefix tokens must be seen in the dataflow)
     raise _refuse(
-        form.name, form.type_name, f"it attends over {form.num_tokens} tokens that form no 2-D grid (no patch-embedding "
+        form.name, form.type_name, f"it attends over {form.num_tokens} tokens that form no 2-D grid (no patch-embedding"
+        " "
         "grid, no (H, W) map they were flattened from, not a square count); ParC mixes "
         "along the rows and columns of a 2-D grid",
     )  # fmt: skip

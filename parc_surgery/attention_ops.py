@@ -22,6 +22,7 @@ SOFTMAX_OPS = frozenset({"_softmax", "softmax", "_safe_softmax", "_log_softmax"}
 MATMUL_OPS = frozenset({"mm", "bmm", "matmul", "baddbmm", "addmm", "einsum", "_unsafe_view_mm"})
 _OPERANDS = {"addmm": (1, 2), "baddbmm": (1, 2)}  # else (0, 1)
 
+
 def is_sdpa_op(name: str) -> bool:
     return "scaled_dot_product" in name or name.startswith("_flash_attention") or name.startswith("_efficient_att")
 

@@ -110,7 +110,17 @@ class Dataflow:
 
 
 METADATA_OPS = frozenset(
-    {"new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like", "lift_fresh"}
+    {
+        "new_zeros",
+        "new_ones",
+        "new_empty",
+        "new_full",
+        "zeros_like",
+        "ones_like",
+        "empty_like",
+        "full_like",
+        "lift_fresh",
+    }
 )
 
 
@@ -150,7 +160,7 @@ class DataflowRecorder(TorchDispatchMode):
         return r
 
     def to_refs(self, obj, *, taint: bool = False):
-        """``obj`` with every tensor replaced by its :class:`TRef` and every other non-plain value by :class:`Opaque`."""
+        """``obj`` with every tensor replaced by its :class:`TRef`, every other non-plain value by :class:`Opaque`."""
 
         def one(x):
             if isinstance(x, torch.Tensor):

@@ -64,7 +64,11 @@ def trace_block(module: nn.Module, call) -> torch.fx.GraphModule:
         if a is None or isinstance(a, bool):
             concrete[k] = a
     for p in params[len(call.args) :]:
-        if p.name not in concrete and p.default is not inspect.Parameter.empty and isinstance(p.default, (type(None), bool)):
+        if (
+            p.name not in concrete
+            and p.default is not inspect.Parameter.empty
+            and isinstance(p.default, (type(None), bool))
+        ):
             concrete[p.name] = p.default
     tracer = _LeafTracer()
     try:
@@ -269,8 +273,10 @@ def _keep_the_rest(gm: torch.fx.GraphModule, work: nn.Module, used: set, region_
 
 
 def _is_plain(v) -> bool:
-    return v is None or isinstance(v, (bool, int, float, str)) or (
-        isinstance(v, tuple) and all(isinstance(i, (bool, int, float, str)) for i in v)
+    return (
+        v is None
+        or isinstance(v, (bool, int, float, str))
+        or (isinstance(v, tuple) and all(isinstance(i, (bool, int, float, str)) for i in v))
     )
 
 

@@ -25,7 +25,6 @@ from attention_corpus import (
     NoGridNet,
     SelfMaskedViT,
 )
-from torch import nn
 
 import parc_surgery as ps
 from parc_surgery.blocks.attention_mixer import ParCMixer
@@ -39,8 +38,10 @@ def _run(model, x):
 
 CASES = {
     # name: (builder, rule, input size, expected targets)
-    "inline_softmax_cls": (lambda: InlineViT(sdpa=False, cls_token=True), "attention2parc", 32, ["blocks.0", "blocks.1"]),
-    "inline_sdpa_no_cls": (lambda: InlineViT(sdpa=True, cls_token=False), "attention2parc", 32, ["blocks.0", "blocks.1"]),
+    "inline_softmax_cls": (lambda: InlineViT(sdpa=False, cls_token=True), "attention2parc", 32, ["blocks.0",
+                                                                                                 "blocks.1"]),
+    "inline_sdpa_no_cls": (lambda: InlineViT(sdpa=True, cls_token=False), "attention2parc", 32, ["blocks.0",
+                                                                                                 "blocks.1"]),
     "mha_batch_first": (lambda: MHAViT(batch_first=True), "attention2parc", 32, ["blocks.0.attn", "blocks.1.attn"]),
     "mha_seq_first": (lambda: MHAViT(batch_first=False), "attention2parc", 32, ["blocks.0.attn", "blocks.1.attn"]),
     "transformer_encoder": (lambda: EncoderViT(), "attention2parc", 32,
@@ -88,7 +89,7 @@ def test_everything_outside_the_attention_is_bit_identical(case):
 
 
 def test_list_candidates_explains(case):
-    name, model, _, conv, names, size = case
+    _name, model, _, conv, names, size = case
     cands = ps.list_candidates(model, conv.rule, input_size=size)
     assert [t.name for t in cands.selected] == names
     assert set(names) <= set(cands.attention)

@@ -44,9 +44,10 @@ CASES = {
     # at 32 px the second stage's 4x4 map equals the window: transformers' Swin resizes its window on the fly
     "hf_swin": (lambda: _hf("SwinConfig", "SwinForImageClassification", embed_dim=16, depths=[2, 2],
                             num_heads=[2, 2], window_size=4, image_size=32, patch_size=4, num_labels=10),
-                "attention2parc", 32, [f"swin.encoder.layers.{i}.blocks.{j}.attention" for i in (0, 1) for j in (0, 1)]),
+                "attention2parc", 32,
+                [f"swin.encoder.layers.{i}.blocks.{j}.attention" for i in (0, 1) for j in (0, 1)]),
     "hf_mobilevit": (lambda: _hf("MobileViTConfig", "MobileViTForImageClassification", num_labels=10, **_MVIT),
-                     "vit2parc", 64, ["mobilevit.encoder.layer.2", "mobilevit.encoder.layer.3", "mobilevit.encoder.layer.4"]),
+                     "vit2parc", 64, [f"mobilevit.encoder.layer.{i}" for i in (2, 3, 4)]),
 }  # fmt: skip
 
 
@@ -59,7 +60,7 @@ def case(request):
 
 
 def test_converted_validated_same_class_and_outputs(case):
-    name, model, conv, names, size = case
+    _name, model, conv, names, size = case
     assert [t.name for t in conv.plan.targets] == names
     assert conv.report.passed, [c for c in conv.report.checks if not c.passed]
     assert type(conv.model) is type(model)

@@ -147,7 +147,9 @@ class ParCTokenMixer(ParCTokenMixerBase, ReplacementBlock):
         return block, carry.finish(block, module, drop_unused=True)
 
     @classmethod
-    def _build(cls, form, module: nn.Module, ctx: BlockContext, *, proj: bool) -> tuple[ParCTokenMixerBase, CarryBuilder]:
+    def _build(
+        cls, form, module: nn.Module, ctx: BlockContext, *, proj: bool
+    ) -> tuple[ParCTokenMixerBase, CarryBuilder]:
         first = next(iter(module.parameters()), None)
         dd = {"device": first.device, "dtype": first.dtype} if first is not None else {}
         grid = tuple(ctx.feature_size)

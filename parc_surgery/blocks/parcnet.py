@@ -45,7 +45,10 @@ class ParCNetBlock(ReplacementBlock):
     fusion conv either.
     """
 
-    replaces = ("timm.models.mobilevit.MobileVitBlock", "transformers.models.mobilevit.modeling_mobilevit.MobileViTLayer")
+    replaces = (
+        "timm.models.mobilevit.MobileVitBlock",
+        "transformers.models.mobilevit.modeling_mobilevit.MobileViTLayer",
+    )
 
     def __init__(
         self,
@@ -212,6 +215,7 @@ class _MobileViTParts:
                        len(module.transformer), (module.conv_proj.conv, module.conv_proj.bn),
                        None if f is None else (f.conv, f.bn))  # fmt: skip
         if type(module).__name__ == "MobileViTLayer" and type(module).__module__.startswith("transformers."):
+
             def cna(m):
                 return m.convolution, getattr(m, "normalization", None)
 

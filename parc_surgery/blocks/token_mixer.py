@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.layers import PatchEmbed
 import torch.fx
+from timm.layers import PatchEmbed
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedTargetError
@@ -270,7 +270,9 @@ class ParCTokenMixerBase(nn.Module):
         gate = self.gate(t).sigmoid() if self.gate is not None else None
         v = self.v(t)
         recorded = self._grid_state.hw if self._grid_state is not None else None
-        grid = _grid(x, self.layout, self.num_prefix_tokens, self.base_grid, recorded, args, {} if kwargs is None else kwargs)
+        grid = _grid(
+            x, self.layout, self.num_prefix_tokens, self.base_grid, recorded, args, {} if kwargs is None else kwargs
+        )
         g = _tokens_to_map(v, grid[0], grid[1], grid[2])
         g1 = self.parc_1_w(self.parc_1_h(g[:, : self.split]))
         g2 = self.parc_2_h(self.parc_2_w(g[:, self.split :]))
