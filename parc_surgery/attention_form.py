@@ -21,7 +21,6 @@ computed from the model input is refused.
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -30,15 +29,16 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .attention_carry import Carried, Projection, find_projection, out_carry, param_derived, value_carry
+from .attention_grid import find_token_grid
 from .attention_labels import Unreplayable
-from .attention_ops import Core, OpGraph, find_cores, is_sdpa_op
+from .attention_ops import Core, OpGraph, find_cores
 from .dataflow import METADATA_OPS, Dataflow, ModuleCall, Opaque, TRef
 from .errors import UnsupportedTargetError
 
 if TYPE_CHECKING:
     from .probe import ProbeResult
 
-__all__ = ["AttentionForm", "find_attention_form", "form_of_module"]
+__all__ = ["AttentionForm", "attention_form_or_error", "find_attention_form", "form_of_module"]
 
 Layout = Literal["tokens", "tokens_first", "nchw", "nhwc"]
 
@@ -245,42 +245,6 @@ def find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> Att
     )  # fmt: skip
 
 
-def find_token_grid(flow: Dataflow, ref: int, n: int, channels: int, *, limit: int = 256):
-    """((H, W), prefix) of the 2-D map ``n`` tokens of width ``channels`` were flattened from, else ``None``.
-
-    Searches back from ``ref`` along the token path (layout ops, a class token's ``cat``, residual adds, position
-    embeddings, norms; never through a projection or an attention) for the nearest (B, C, H, W) or
-    (B, H, W, C) tensor with ``H * W = n - p`` for at most 16 prefix tokens ``p``: the patch embedding's
-    output for a ViT, the window view for windowed attention.
-    """
-    seen, queue = {ref}, collections.deque([ref])
-    while queue and len(seen) < limit:
-        r = queue.popleft()
-        s = flow.tensors[r].shape
-        if len(s) == 4:
-            for hw in ((s[2], s[3]) if s[1] == channels else (), (s[1], s[2]) if s[3] == channels else ()):
-                if hw and 0 <= n - hw[0] * hw[1] <= 16 and hw[0] * hw[1] > 0:
-                    return (int(hw[0]), int(hw[1])), n - hw[0] * hw[1]
-        op = flow.producer(r)
-        if op is None or op.name in _PATH_STOPS or is_sdpa_op(op.name):
-            continue
-        for i in op.inputs:
-            if flow.tensors[i].tainted and i not in seen:
-                seen.add(i)
-                queue.append(i)
-    return None
-
-
-_PATH_STOPS = frozenset({"mm", "bmm", "addmm", "baddbmm", "convolution", "_convolution"})
-
-
-def _numel(shape) -> int:
-    n = 1
-    for v in shape:
-        n *= v
-    return n
-
-
 def _pname(flow: Dataflow, ref: int, prefix: str) -> str | None:
     """The parameter (relative to the module) a projection weight operand is read from."""
     stack = [ref]
@@ -426,29 +390,3 @@ def attention_form_or_error(model: nn.Module, probe: ProbeResult, name: str) -> 
         except UnsupportedTargetError as e:
             cache[name] = e
     return cache[name]
-
-
-def resolve_grid(form: AttentionForm, planned: tuple[tuple[int, int], int, bool]):
-    """(grid, prefix tokens, on the patch-embedding grid) of ``form``'s tokens at the planning size.
-
-    ``planned`` is the plan's own guess from the token count (the patch embedding's ``grid_size``, else a
-    square count after up to 8 prefix tokens); the map the tokens were flattened from (:func:`find_token_grid`)
-    is preferred to a square guess. Raises :class:`UnsupportedTargetError` when the tokens form no 2-D grid.
-    """
-    if form.layout == "nchw":
-        return (int(form.token_shape[2]), int(form.token_shape[3])), 0, False
-    if form.layout == "nhwc":
-        return (int(form.token_shape[1]), int(form.token_shape[2])), 0, False
-    (grid, prefix, patch) = planned
-    if patch:
-        return grid, prefix, True
-    if form.grid is not None:
-        return form.grid, form.num_prefix_tokens, False
-    if prefix == 0 and grid[0] * grid[1] == form.num_tokens and (min(grid) > 1 or grid == (1, 1)):
-        return grid, prefix, False  # a square token count (prefix tokens must be seen in the dataflow)
-    raise _refuse(
-        form.name, form.type_name, f"it attends over {form.num_tokens} tokens that form no 2-D grid (no patch-embedding"
-        " "
-        "grid, no (H, W) map they were flattened from, not a square count); ParC mixes "
-        "along the rows and columns of a 2-D grid",
-    )  # fmt: skip

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .attention_form import AttentionForm, attention_form_or_error, resolve_grid
+from .attention_form import AttentionForm, attention_form_or_error
+from .attention_grid import resolve_grid
 from .blocks import BlockContext, get_block_spec
 from .errors import ParcSurgeryError, UnsupportedTargetError
 from .match import Selection, TargetCandidates, TargetDiagnostic
