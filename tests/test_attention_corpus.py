@@ -25,6 +25,7 @@ from attention_corpus import (
     NoGridNet,
     SelfMaskedViT,
 )
+from torch import nn
 
 import parc_surgery as ps
 from parc_surgery.blocks.attention_mixer import ParCMixer
@@ -177,3 +178,16 @@ def test_refused_with_the_reason(name):
     import re
 
     assert re.search(why, str(cands), re.S), str(cands)
+
+
+def test_plain_attributes_of_the_source_never_shadow_the_mixers_modules():
+    """timm's Twins sets ``self.norm = None`` on its attention; the mixer's own ``norm`` module must stay."""
+    torch.manual_seed(0)
+    model = DictViT().eval()
+    for attn in model.attns:
+        attn.norm = None
+        attn.resolution = 8
+    conv = ps.convert(model, "attention2parc", input_size=32)
+    assert conv.report.passed
+    mixer = conv.model.attns[0]
+    assert isinstance(mixer.norm, nn.Identity) and mixer.resolution == 8

@@ -292,5 +292,5 @@ def _is_plain(v) -> bool:
 def _adopt_attributes(block: nn.Module, module: nn.Module) -> None:
     """Copy the source's public plain attributes (``resolution``, ``num_heads``, ...) its callers may read."""
     for k, v in vars(module).items():
-        if not k.startswith("_") and k not in vars(block) and not hasattr(type(block), k) and _is_plain(v):
+        if not k.startswith("_") and not hasattr(block, k) and _is_plain(v):  # never shadow a submodule
             block.__dict__[k] = v
