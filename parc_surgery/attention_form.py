@@ -322,7 +322,8 @@ def _inline_region(g: OpGraph, t: int, merged: int, name: str, kind_name: str) -
     made = {r for i in region for r in g.flow.ops[i].outputs}
     for r in made - {merged}:
         for op in g.users.get(r, ()):
-            if op.index not in region and op.name not in METADATA_OPS:
+            in_place = op.func._schema.is_mutable and set(op.outputs) <= made  # writes a region tensor (``add_``)
+            if op.index not in region and op.name not in METADATA_OPS and not in_place:
                 raise _refuse(name, kind_name, f"the inline attention's intermediate {_describe(g.flow, r)} is also "
                               f"read by {op.name} in {op.owner or 'the model'} (a projection shared with other "
                               "computation, or attention weights used elsewhere); only a self-contained attention "
