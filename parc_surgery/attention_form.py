@@ -66,6 +66,17 @@ class AttentionForm:
     grid: tuple[int, int] | None = None  # the (H, W) map the tokens were flattened from, if the dataflow shows it
     num_prefix_tokens: int | None = None  # tokens ahead of that grid (class / register / distillation tokens)
 
+    def describe(self) -> str:
+        """One line for ``list_candidates`` and the plan: what is replaced, and how."""
+        shape = "x".join(map(str, self.token_shape))
+        if self.kind == "inline":
+            how = f"attention inline in the block's forward ({self.layout} {shape}): its graph region is rewritten"
+        else:
+            how = f"attention module ({self.layout} {shape}): swapped for a ParC mixer with its call signature"
+        carried = [f"value rows of {', '.join(self.value.sources())}"] if self.value is not None else []
+        carried += [f"output projection {', '.join(self.proj.sources())}"] if self.proj is not None else []
+        return how + ("; carries the " + " and the ".join(carried) if carried else "")
+
     @property
     def num_tokens(self) -> int | None:
         """Tokens per sequence (token layouts)."""

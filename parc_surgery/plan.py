@@ -68,6 +68,7 @@ class PlannedTarget:
             "init": c.init,
             "width_mult": c.width_mult,
             "residual": c.residual.describe() if c.residual is not None else None,
+            "attention": c.attention.describe() if hasattr(c.attention, "describe") else None,
             "options": {k: v for k, v in c.options.items() if isinstance(v, (int, float, str, bool, type(None)))},
         }
 
