@@ -191,3 +191,16 @@ def test_plain_attributes_of_the_source_never_shadow_the_mixers_modules():
     assert conv.report.passed
     mixer = conv.model.attns[0]
     assert isinstance(mixer.norm, nn.Identity) and mixer.resolution == 8
+
+
+def test_rewritten_models_save_and_load(tmp_path):
+    """A block rewritten in its graph and a swapped nn.MultiheadAttention come back from a checkpoint exactly."""
+    from parc_surgery.checkpoint import load, save
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    for name, model in (("inline", InlineViT().eval()), ("mha", MHAViT(batch_first=False).eval())):
+        conv = ps.convert(model, "attention2parc", input_size=32)
+        path = save(conv, tmp_path / f"{name}.safetensors")
+        again = load(path, model=model)
+        assert torch.equal(_run(again, x), _run(conv.model, x)), name  # the same weights, the same graph
