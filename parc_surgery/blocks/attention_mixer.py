@@ -157,6 +157,8 @@ class ParCTokenMixer(ParCTokenMixerBase, ReplacementBlock):
             grid = (int(form.token_shape[1]), int(form.token_shape[2]))
         drop = getattr(module, "proj_drop", None)
         prefix = ctx.options.get("num_prefix_tokens", ctx.num_prefix_tokens)
+        if prefix is None and cls.block_name == "parc_mixer":
+            prefix = 0  # parc_token_mixer leaves it unknown: attach() reads the model's count
         block = cls(
             form.dim,
             form.attn_dim,
@@ -165,7 +167,7 @@ class ParCTokenMixer(ParCTokenMixerBase, ReplacementBlock):
             base_grid=grid,
             dim_out=form.out_dim if proj else None,
             proj=proj,
-            num_prefix_tokens=int(prefix or 0) if cls.block_name == "parc_mixer" or prefix is not None else None,
+            num_prefix_tokens=prefix,
             pe=ctx.pe,
             v_bias=form.value is None or form.value.bias is not None,
             proj_bias=form.proj is None or form.proj.bias is not None,
