@@ -145,7 +145,15 @@ def _describe(flow: Dataflow, ref: int) -> str:
 
 def find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> AttentionForm:
     """The :class:`AttentionForm` of the attention module ``name`` detected by the probe; raises
-    :class:`UnsupportedTargetError` naming the module, the form found and why it cannot be rewritten."""
+    :class:`UnsupportedTargetError` naming the module, the form found and why it cannot be rewritten.
+
+    The label replay runs on the CPU, whatever default device the caller set (``with torch.device("meta")``).
+    """
+    with torch.device("cpu"):
+        return _find_attention_form(module, probe, name)
+
+
+def _find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> AttentionForm:
     kind_name = f"{type(module).__module__}.{type(module).__qualname__}"
     rec = probe.calls.get(name)
     if rec is None or not rec.call_args:

@@ -73,7 +73,8 @@ def test_mac_count(figure):
         assert abs(got - gmacs) / gmacs <= mtol, (name, got)
     else:  # the table's 4 decimals
         assert round(got, 4) == gmacs, (name, got)
-    assert conv.report.macs_after_fft < conv.report.macs_after  # Fast-ParC counts fewer MACs
+    if name != "parc_swin_tiny":  # Swin's ParCs run along 7-token window axes, where the FFT counts more MACs
+        assert conv.report.macs_after_fft < conv.report.macs_after  # Fast-ParC counts fewer MACs
 
 
 def test_weights_outside_targets_bit_identical(figure):

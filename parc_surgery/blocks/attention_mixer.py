@@ -253,6 +253,11 @@ def _carry(carry: CarryBuilder, new: str, dst: nn.Module, src: Carried | None, p
     """Fill ``dst`` (a Linear) from ``src`` and record it: kept when it copies whole parameters, else transformed."""
     if src is None or isinstance(dst, nn.Identity):
         return
+    with torch.device("cpu"):  # the labels live on the CPU whatever default device the caller set
+        _carry_on_cpu(carry, new, dst, src, params, what)
+
+
+def _carry_on_cpu(carry: CarryBuilder, new: str, dst: nn.Module, src: Carried, params: dict, what: str) -> None:
     gather(src, params, dst.weight, dst.bias)
     for part, lab in (("weight", src.rows), ("bias", src.bias)):
         if lab is None or getattr(dst, part, None) is None:
