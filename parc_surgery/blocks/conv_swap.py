@@ -2,7 +2,7 @@
 
 :class:`ParCConvBlock` is the base of every ParC-ConvNet block (``parc_bottleneck``, ``parc_basic_block``,
 ``parc_inverted_residual``, ``parc_convnext``, ``parc_conv``). ``from_module`` deep-copies the source block
-and ``set_submodule``\\ s one conv with a biased :class:`~parc_surgery.blocks.parc_split.ParCSplit`, folded
+and replaces one conv (``set_submodule``) with a biased :class:`~parc_surgery.blocks.parc_split.ParCSplit`, folded
 from the conv per ``ctx.init`` (:mod:`parc_surgery.blocks._fold`). The result is an instance of the
 source's own class: its ``forward``, its helper methods, its attributes and anything its callers read run
 unchanged (drop path, SE, layer scale, shortcut, activations); every tensor outside the conv is
