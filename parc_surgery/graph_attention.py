@@ -32,6 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .blocks._carry import CarryBuilder, CarryRecord
 from .dataflow import TRef
 from .errors import UnsupportedTargetError
+from .probe import trace_side_effects_undone
 
 __all__ = ["InlinePlan", "plan_inline_rewrite", "rewrite_inline_attention", "trace_block"]
 
@@ -72,7 +73,8 @@ def trace_block(module: nn.Module, call) -> torch.fx.GraphModule:
             concrete[p.name] = p.default
     tracer = _LeafTracer()
     try:
-        graph = tracer.trace(module, concrete_args=concrete or None)
+        with trace_side_effects_undone(module):
+            graph = tracer.trace(module, concrete_args=concrete or None)
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else ""
         raise UnsupportedTargetError(

@@ -17,6 +17,7 @@ trace are still handled through the recorded forward (the hooks), and the report
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,7 +30,15 @@ from torch import nn
 from .dataflow import Dataflow, DataflowRecorder, ModuleCall
 from .errors import TraceError
 
-__all__ = ["CallRecord", "ProbeResult", "example_input", "module_state_kept", "probe_model", "trace_model"]
+__all__ = [
+    "CallRecord",
+    "ProbeResult",
+    "example_input",
+    "module_state_kept",
+    "probe_model",
+    "trace_model",
+    "trace_side_effects_undone",
+]
 
 _aten = torch.ops.aten
 _MATMUL_OPS = {"mm", "bmm", "matmul", "baddbmm", "addmm", "einsum", "_unsafe_view_mm"}
@@ -309,6 +318,37 @@ def _default_args(model: nn.Module) -> dict | None:
     return out or None
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+@contextlib.contextmanager
+def trace_side_effects_undone(model: nn.Module):
+    """Undo what a symbolic trace writes into the modules' own attributes and containers.
+
+    Some forwards cache a computed tensor on the module in eval (timm's ``Attention2d.attention_bias_cache``):
+    traced, the cache keeps an fx ``Proxy`` of that trace's graph, which a later trace of the same module would
+    read as a node of another graph (and a later forward would fail on). Attributes set, replaced or added and
+    dict / list / set contents changed during the trace are put back as they were.
+    """
+    saved = []
+    for m in model.modules():
+        attrs = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
+        contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in (dict, list, set)}
+        saved.append((m, attrs, contents))
+    try:
+        yield
+    finally:
+        for m, attrs, contents in saved:
+            for k in [k for k in vars(m) if k not in _MODULE_INTERNALS and k not in attrs]:
+                delattr(m, k)
+            for k, v in attrs.items():
+                if vars(m).get(k) is not v:
+                    object.__setattr__(m, k, v)
+                if k in contents:
+                    v.clear()
+                    (v.extend if isinstance(v, list) else v.update)(contents[k])
+
+
 def trace_model(model: nn.Module, leaf_types: Iterable[type] = ()) -> tuple[torch.fx.GraphModule | None, str]:
     """Symbolically trace ``model`` with timm's leaf modules/functions plus ``leaf_types`` as leaves.
 
@@ -331,7 +371,8 @@ def trace_model(model: nn.Module, leaf_types: Iterable[type] = ()) -> tuple[torc
 
     try:
         tracer = _Tracer()
-        graph = tracer.trace(model, concrete_args=_default_args(model))
+        with trace_side_effects_undone(model):
+            graph = tracer.trace(model, concrete_args=_default_args(model))
         # the default class name: torch.fx makes a class per GraphModule, and one named after the model's own class
         # would put that name among the torch classes a rule may name (parc_surgery.types' allow-list)
         return torch.fx.GraphModule(tracer.root, graph), ""
