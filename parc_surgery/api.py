@@ -32,9 +32,9 @@ from .match import select_candidates
 from .ops import ParC
 from .plan import Plan, PlanResult, plan_targets, refusal_error
 from .preserved import check_preserved
-from .probe import ProbeResult, _timm_leaves, example_input, probe_model, trace_model
+from .probe import ProbeResult, _timm_leaves, example_input, module_state_kept, probe_model, trace_model
 from .report import Check, Report, TargetReport
-from .rewrite import apply_plan
+from .rewrite import apply_plan, rewrite_notes
 from .rule import Rule, load_rule
 from .stages import Stage, find_stages
 from .types import type_name_matches
@@ -334,7 +334,8 @@ def _convert(work, r, size, name, *, original, impl, init, seed, validate, count
     ref = ref2 = None
     if validate:
         ref = survey.probe.raw_output  # the probe ran the unconverted copy in eval mode without grad
-        ref2 = eval_forward(work, x2)
+        with module_state_kept(work):  # a forward at another size may change a stateful model
+            ref2 = eval_forward(work, x2)
     params_before = count_params(work)
     per_target_before = {t.name: count_params(work.get_submodule(t.name)) for t in targets}
     before, why_b = _macs(work, size) if count else (None, "")
@@ -344,6 +345,7 @@ def _convert(work, r, size, name, *, original, impl, init, seed, validate, count
     was_leaf = [t.name for t in targets if leaves and isinstance(work.get_submodule(t.name), tuple(leaves))]
 
     carry = apply_plan(work, targets, seed=seed)
+    notes.extend(rewrite_notes(work, targets))
     leaf_types = tuple({*survey.leaf_types, *(type(work.get_submodule(n)) for n in was_leaf)})
 
     # one meta pass for both ParC formulations (spatial: the papers' count; fft: Fast-ParC)
@@ -352,7 +354,7 @@ def _convert(work, r, size, name, *, original, impl, init, seed, validate, count
     with _guard("checking that nothing of the input was lost", ValidationError):
         checks: list[Check] = [check_preserved(original, work, targets, carry)]  # always on
     if validate:
-        with _guard("validating the converted model", ValidationError):
+        with _guard("validating the converted model", ValidationError), module_state_kept(work):
             checks += validate_model(
                 work,
                 targets,

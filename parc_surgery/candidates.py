@@ -77,6 +77,7 @@ class Candidates:
             lines.append(f"selected by the rule: {len(self.selected)}")
             for t in self.selected:
                 form = f"; {t.ctx.residual.describe()}" if t.ctx.residual is not None else ""
+                form += f"; {t.ctx.attention.describe()}" if hasattr(t.ctx.attention, "describe") else ""
                 lines.append(f"  {t.name} -> {t.block} (kernel {t.ctx.kernel_hw}, pe={t.ctx.pe}){form}")
             for d in self.diagnostics:
                 lines.append(f"  {d.describe()}")

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .attention_form import AttentionForm, attention_form_or_error
+from .attention_grid import resolve_grid
 from .blocks import BlockContext, get_block_spec
 from .errors import ParcSurgeryError, UnsupportedTargetError
 from .match import Selection, TargetCandidates, TargetDiagnostic
@@ -66,6 +68,7 @@ class PlannedTarget:
             "init": c.init,
             "width_mult": c.width_mult,
             "residual": c.residual.describe() if c.residual is not None else None,
+            "attention": c.attention.describe() if hasattr(c.attention, "describe") else None,
             "options": {k: v for k, v in c.options.items() if isinstance(v, (int, float, str, bool, type(None)))},
         }
 
@@ -136,7 +139,7 @@ def _feature_size(
 
 def _channels_last(module: nn.Module, shape: tuple[int, ...]) -> bool:
     """Whether a 4-D input is (B, H, W, C): the module's first projection takes ``shape[-1]`` features."""
-    from .blocks.generic_mixer import infer_layout
+    from .blocks.token_mixer import infer_layout
 
     try:
         return infer_layout(module, shape) == "nhwc"
@@ -152,9 +155,20 @@ def _context(
     rec = probe.calls[sel.name]
     mod = model.get_submodule(sel.name)
     feat, tokens = _feature_size(model, rec.in_shape, mod)
+    spec = get_block_spec(target.block)
     residual = None
-    if get_block_spec(target.block).uses_residual and not isinstance(mod, nn.Conv2d):
+    if spec.uses_residual and not isinstance(mod, nn.Conv2d):
         residual = find_residual(mod)  # the block's fx graph, read once per target
+    form = None
+    if spec.uses_attention and sel.name in probe.attention:
+        form = attention_form_or_error(model, probe, sel.name)  # what the attention computes, read once
+    if isinstance(form, AttentionForm):  # sized from the attention's own tokens ((N, B, C) for some MHA)
+        try:
+            n = form.num_tokens
+            feat, prefix, patch = resolve_grid(form, _token_grid(model, n) if n else ((1, 1), 0, False))
+            tokens = {"num_tokens": n, "num_prefix_tokens": prefix, "patch_grid": patch} if n else {}
+        except UnsupportedTargetError as e:
+            form = e
     return BlockContext(
         feature_size=feat,
         kernel_size=None if opts.kernel_size == "auto" else tuple(opts.kernel_size),
@@ -165,6 +179,7 @@ def _context(
         options=dict(opts.block_options),
         source_in_shape=rec.in_shape,
         source_out_shape=rec.out_shape,
+        attention=form,
         residual=residual,
         **tokens,
     )
@@ -301,7 +316,7 @@ def target_problem(model: nn.Module, t: PlannedTarget, probe: ProbeResult) -> st
     mod = model.get_submodule(t.name)
     rec = probe.calls[t.name]
     kind = t.source_type.rsplit(".", 1)[-1]
-    if rec.out_tensor and not all(rec.out_tensor):
+    if rec.out_tensor and not all(rec.out_tensor) and t.ctx.attention is None:  # attention blocks return it
         return (
             f"{t.name} ({kind}): the module returns a tuple / list / dict, not one tensor; a replacement block "
             "returns one tensor, so its callers would break. Exclude it."

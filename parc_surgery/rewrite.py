@@ -15,7 +15,7 @@ from .blocks import CarryRecord, get_block_spec
 from .errors import UnsupportedTargetError
 from .plan import PlannedTarget
 
-__all__ = ["apply_plan"]
+__all__ = ["apply_plan", "rewrite_notes"]
 
 
 def apply_plan(model: nn.Module, targets: list[PlannedTarget] | tuple, *, seed: int = 0) -> dict[str, CarryRecord]:
@@ -50,3 +50,30 @@ def apply_plan(model: nn.Module, targets: list[PlannedTarget] | tuple, *, seed: 
                     f"({', '.join(n for n, _ in placements[:3])}) to the model: {type(e).__name__}: {e}"
                 ) from e
     return {t.name: rec for t, _, rec in built}
+
+
+def rewrite_notes(model: nn.Module, targets: list[PlannedTarget] | tuple) -> list[str]:
+    """What the report must say about how attention targets were rewritten (after :func:`apply_plan`).
+
+    A block whose attention was computed inline in its own forward is now a ``torch.fx.GraphModule`` (only the
+    attention region of its graph was replaced); and each attention's own notes (masks ignored, attention
+    weights no longer returned, projections not carried).
+    """
+    from torch.fx import GraphModule
+
+    from .attention_form import AttentionForm
+
+    notes = []
+    for t in targets:
+        form = t.ctx.attention
+        if not isinstance(form, AttentionForm):
+            continue
+        if form.kind == "inline" and isinstance(model.get_submodule(t.name), GraphModule):
+            kind = t.source_type.rsplit(".", 1)[-1]
+            notes.append(
+                f"{t.name} ({kind}) is now a torch.fx GraphModule: its attention was computed inline in its forward, "
+                "so only that region of its graph was replaced by a ParC mixer (parc_mixer); its other nodes, "
+                "submodules and parameter names are kept"
+            )
+        notes.extend(f"{t.name}: {n}" for n in form.notes)
+    return notes

@@ -159,13 +159,21 @@ def test_shared_module_records_map_to_every_name():
 @pytest.mark.parametrize("sdpa", [False, True], ids=["softmax", "sdpa"])
 def test_inline_attention_block_replaced_whole_is_caught(sdpa):
     """A ViT block that computes attention inline is detected as the attention; replacing it whole with a token
-    mixer would delete its MLP and norms. ``preserved`` names them (attn14's graph rewrite replaces only the
-    attention region instead; its tests cover that case converting with the MLP intact)."""
+    mixer (what the engine did before it rewrote the attention region of the block's graph) deletes its MLP and
+    norms, and ``preserved`` names them. The engine now replaces only the attention region: ``preserved``
+    passes with the MLP in place (attn14's corpus tests cover the rewrite itself)."""
     torch.manual_seed(0)
-    with pytest.raises(ps.ValidationError, match="preserved") as e:
-        ps.convert(InlineViT(sdpa=sdpa).eval(), "attention2parc", input_size=32)
-    msg = str(e.value)
-    assert "blocks.0.mlp.0.weight" in msg and "blocks.0.norm1.weight" in msg and "gone and in no carry record" in msg
+    model = InlineViT(sdpa=sdpa).eval()
+    conv = ps.convert(model, "attention2parc", input_size=32)
+    assert _checks(conv)["preserved"].passed
+    assert torch.equal(conv.model.state_dict()["blocks.0.mlp.0.weight"], model.state_dict()["blocks.0.mlp.0.weight"])
+    whole = copy.deepcopy(conv.model)
+    whole.blocks[0] = whole.blocks[0].parc_mixer  # the block replaced whole by its token mixer, as before
+    attention = ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias")  # what the old mixer declared dropped
+    records = {t.name: ps.blocks.CarryRecord(dropped=attention) for t in conv.plan.targets}
+    check = check_preserved(model, whole, conv.plan.targets, records)
+    assert not check.passed
+    assert "blocks.0.mlp.0.weight" in check.detail and "blocks.0.norm1.weight" in check.detail
 
 
 def test_conv_blocks_keep_every_other_tensor_bit_identical():

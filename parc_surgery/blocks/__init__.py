@@ -1,14 +1,13 @@
 """Replacement blocks and their registry. Importing this package registers the bundled blocks."""
 
 from . import (  # noqa: F401  (registers)
+    attention_mixer,
     bottleneck,
     convnext,
     generic_conv,
-    generic_mixer,
     inverted_residual,
     metaformer,
     parcnet,
-    vit_mixer,
 )
 from ._carry import CarryBuilder, CarryRecord
 from ._registry import (

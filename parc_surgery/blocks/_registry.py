@@ -7,6 +7,8 @@ Rules name blocks only through this registry (``register_block`` decorator, ``ge
 * ``replaces``: dotted class names of the modules it is built from (discovery, ``list_candidates``);
 * ``skip_unsupported``: ``True`` for a lenient (generic fallback) block: a module it refuses is left out of
   the conversion with a note instead of failing it;
+* ``uses_attention``: ``True`` for a block that reads ``ctx.attention``: for a module the probe detected as an
+  attention, the engine then reads what it computes (:func:`parc_surgery.attention_form.find_attention_form`);
 * ``uses_residual``: ``True`` for a block that reads ``ctx.residual``: the engine then reads the source's fx
   graph once (:func:`parc_surgery.residual.find_residual`) and passes its residual structure;
 * ``check_source(module, ctx) -> None``: raise :class:`UnsupportedTargetError` (naming the module type and
@@ -76,6 +78,9 @@ class BlockContext:
         num_tokens: the token count of a (B, N, C) input.
         num_prefix_tokens: leading tokens outside the 2-D grid (class / distillation / register tokens).
         patch_grid: whether the grid is the model's patch-embedding grid (``False``: guessed from the count).
+        attention: for a detected attention (blocks that declare ``uses_attention``), its
+            :class:`~parc_surgery.attention_form.AttentionForm` (what it computes, how it is called, what it
+            returns), or the ``UnsupportedTargetError`` saying why it cannot be rewritten.
         residual: the source block's residual structure read from its fx graph (blocks that declare
             ``uses_residual``; ``None`` otherwise or when the module is a conv itself).
     """
@@ -92,6 +97,7 @@ class BlockContext:
     num_tokens: int | None = None
     num_prefix_tokens: int | None = None
     patch_grid: bool | None = None
+    attention: Any = None
     residual: ResidualForm | None = None
 
     @property
@@ -110,6 +116,7 @@ class ReplacementBlock(nn.Module):
     replaces: ClassVar[tuple[str, ...]] = ()
     skip_unsupported: ClassVar[bool] = False
     uses_residual: ClassVar[bool] = False
+    uses_attention: ClassVar[bool] = False
 
     @classmethod
     def check_source(cls, module: nn.Module, ctx: BlockContext) -> None:
@@ -134,6 +141,7 @@ class BlockSpec:
     skip_unsupported: bool
     uses_residual: bool
     attach: Callable[[nn.Module, list[tuple[str, nn.Module]]], None] | None
+    uses_attention: bool = False
 
     def check_source(self, module: nn.Module, ctx: BlockContext) -> None:
         self.cls.check_source(module, ctx)
@@ -149,20 +157,22 @@ def _spec(name: str, cls: type[nn.Module]) -> BlockSpec:
             raise ConfigError(f"{where} must define classmethod {meth}() (subclass parc_surgery.ReplacementBlock)")
     if issubclass(cls, ReplacementBlock):
         replaces, lenient, residual = cls.replaces, cls.skip_unsupported, cls.uses_residual
+        attention = cls.uses_attention
         attach = None if cls.attach.__func__ is ReplacementBlock.attach.__func__ else cls.attach
     else:  # the protocol without the base class: its optional attributes, read and checked here once
         replaces = getattr(cls, "replaces", ())
         lenient = getattr(cls, "skip_unsupported", False)
         residual = getattr(cls, "uses_residual", False)
+        attention = getattr(cls, "uses_attention", False)
         attach = getattr(cls, "attach", None)
     if not (isinstance(replaces, tuple) and all(isinstance(r, str) for r in replaces)):
         raise ConfigError(f"{where}.replaces must be a tuple of dotted class names, got {replaces!r}")
-    for attr, value in (("skip_unsupported", lenient), ("uses_residual", residual)):
+    for attr, value in (("skip_unsupported", lenient), ("uses_residual", residual), ("uses_attention", attention)):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}.{attr} must be a bool, got {value!r}")
     if attach is not None and not callable(attach):
         raise ConfigError(f"{where}.attach must be a classmethod attach(model, placements), got {attach!r}")
-    return BlockSpec(name, cls, tuple(replaces), lenient, residual, attach)
+    return BlockSpec(name, cls, tuple(replaces), lenient, residual, attach, attention)
 
 
 def register_block(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
