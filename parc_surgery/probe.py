@@ -312,7 +312,9 @@ def trace_side_effects_undone(model: nn.Module):
     Some forwards cache a computed tensor on the module in eval (timm's ``Attention2d.attention_bias_cache``):
     traced, the cache keeps an fx ``Proxy`` of that trace's graph, which a later trace of the same module would
     read as a node of another graph (and a later forward would fail on). Attributes set, replaced or added and
-    dict / list / set contents changed during the trace are put back as they were.
+    dict / list / set contents changed during the trace are put back as they were, including the tensor
+    constants the tracer itself sets on the root (``_tensor_constant0``): build the ``GraphModule`` inside the
+    context, which copies them.
     """
     saved = []
     for m in model.modules():
@@ -357,8 +359,10 @@ def trace_model(model: nn.Module, leaf_types: Iterable[type] = ()) -> tuple[torc
         tracer = _Tracer()
         with trace_side_effects_undone(model):
             graph = tracer.trace(model, concrete_args=_default_args(model))
-        # the default class name: torch.fx makes a class per GraphModule, and one named after the model's own class
-        # would put that name among the torch classes a rule may name (parc_surgery.types' allow-list)
-        return torch.fx.GraphModule(tracer.root, graph), ""
+            # built before the undo: the tensor constants the tracer set on the root are copied into the
+            # GraphModule, then removed from the user's model.
+            # The default class name: torch.fx makes a class per GraphModule, and one named after the model's own
+            # class would put that name among the torch classes a rule may name (parc_surgery.types' allow-list)
+            return torch.fx.GraphModule(tracer.root, graph), ""
     except Exception as e:
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
