@@ -15,7 +15,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["as_hw", "close_matches", "did_you_mean", "first_tensor", "is_positive_int", "to_hw"]
+__all__ = ["as_hw", "as_kernel_hw", "close_matches", "did_you_mean", "first_tensor", "is_positive_int", "to_hw"]
 
 
 def is_positive_int(value: Any) -> bool:
@@ -37,6 +37,17 @@ def as_hw(value: Any, what: str) -> tuple[int, int]:
     hw = to_hw(value)
     if hw is None:
         raise ConfigError(f"{what} must be a positive int or (H, W) of positive ints, got {value!r}")
+    return hw
+
+
+def as_kernel_hw(kernel_hw: Any, owner: str) -> tuple[int, int]:
+    """A block's base kernel size given as one int or (along height, along width), else a :class:`ConfigError`."""
+    hw = to_hw(kernel_hw)
+    if hw is None:
+        raise ConfigError(
+            f"{owner}: kernel_hw={kernel_hw!r} must be a positive int or a pair (along height, along width) "
+            f"of positive ints: the feature size at the model's input size"
+        )
     return hw
 
 
