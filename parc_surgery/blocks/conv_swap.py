@@ -24,10 +24,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..carry import CarryBuilder, CarryRecord
 from ..errors import ConfigError, UnsupportedTargetError
 from ..helpers import to_hw
 from ..vocab import INITS
-from ._carry import CarryBuilder, CarryRecord
 from ._fold import dotted_name, keeps_size, split_from_conv
 from ._registry import BlockContext, ReplacementBlock
 from .parc_split import ParCSplit

@@ -14,9 +14,9 @@ from timm.layers import ConvNormAct, make_divisible
 from timm.models.mobilevit import MobileVitBlock
 from torch import nn
 
+from ..carry import CarryBuilder, CarryRecord
 from ..errors import UnsupportedTargetError
 from ..helpers import as_kernel_hw
-from ._carry import CarryBuilder, CarryRecord
 from ._registry import BlockContext, ReplacementBlock, register_block
 from .metaformer import ParCMetaFormerBlock, init_conv_fan_out
 
