@@ -48,7 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ConfigError, NoMatchError, TraceError
 from .flop_formulas import FORMULAS, OpRecorder, fft_flops, is_compute_op
-from .helpers import as_hw, did_you_mean
+from .helpers import as_hw, did_you_mean, is_positive_int
 from .inputs import get_in_chans
 from .ops.functional import unfolded_pe
 from .ops.parc import ParC, use_impl
@@ -198,9 +198,9 @@ def count_macs(
             (the model itself is not moved). Any other device than the model's works the same way, with copies.
     """
     size = as_hw(input_size, "count_macs: input_size")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if not is_positive_int(batch):
         raise ConfigError(f"count_macs: batch must be a positive int, got {batch!r}")
-    if in_chans is not None and (isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1):
+    if in_chans is not None and not is_positive_int(in_chans):
         raise ConfigError(f"count_macs: in_chans must be a positive int or None, got {in_chans!r}")
     if parc_impl is not None and parc_impl not in IMPLS:
         raise ConfigError(f"count_macs: parc_impl must be one of {IMPLS} or None, got {parc_impl!r}")

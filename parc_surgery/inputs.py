@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .helpers import as_hw
+from .helpers import as_hw, is_positive_int
 from .ops.parc import ParC
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def get_in_chans(model: nn.Module, *, default: int | None = None) -> int:
         if chans is not None:
             return chans
     attr = getattr(model, "in_chans", None)
-    if isinstance(attr, int) and not isinstance(attr, bool) and attr > 0:
+    if is_positive_int(attr):
         return attr
     size = cfg.get("input_size")
     if isinstance(size, (list, tuple)) and len(size) == 3:

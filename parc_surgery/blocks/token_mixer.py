@@ -231,7 +231,7 @@ class ParCTokenMixerBase(nn.Module):
         if layout not in LAYOUTS:
             raise ConfigError(f"{name}: layout={layout!r} must be one of {LAYOUTS}")
         for what, v in (("dim", dim), ("attn_dim", attn_dim)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_positive_int(v):
                 raise ConfigError(f"{name}: {what}={v!r} must be a positive int")
         if attn_dim < 2:
             raise ConfigError(f"{name}: attn_dim={attn_dim} must be >= 2 (split into two ParC halves)")
