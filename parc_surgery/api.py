@@ -3,7 +3,8 @@
 ``convert(model, rule)`` never touches the user's model: it works on a deep copy. ``match`` finds each rule
 target's candidates (pure sets); ``plan`` plans and checks every candidate once, recording refusals; only
 after every target has been planned and checked does ``rewrite`` build the replacement blocks and swap them in.
-``list_candidates(model, rule)`` is the discovery tool every "nothing matched" error points to.
+``list_candidates(model, rule)`` is the discovery tool every "nothing matched" error points to. The phases
+before any change (copy, probe, trace, match, plan) are :mod:`parc_surgery.survey`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from .blocks import CarryRecord
 from .candidates import Candidates
+from .carry import CarryRecord
 from .errors import ConfigError, TraceError, UnsupportedTargetError, ValidationError
 from .flops import count_macs, count_macs_impls, count_params
 from .helpers import as_hw
@@ -56,6 +57,7 @@ class Conversion:
 
 
 def get_model_name(model: nn.Module) -> str:
+    """The name the report uses: timm's architecture name, else the model's class name."""
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("architecture"):
         return str(cfg["architecture"])
