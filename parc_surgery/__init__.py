@@ -14,14 +14,17 @@ from .blocks import BlockContext, CarryRecord, get_block, list_blocks, register_
 from .errors import (
     CheckpointError,
     ConfigError,
+    DataError,
     NoMatchError,
     ParcSurgeryError,
     RuleError,
+    TeacherMismatchError,
     TraceError,
     UnsupportedTargetError,
     ValidationError,
 )
 from .flops import count_macs, count_params
+from .healing import HealConfig, heal
 from .io import load, read_manifest, save
 from .ops import ParC
 from .plan import Plan
@@ -39,6 +42,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Conversion",
+    "DataError",
+    "HealConfig",
     "NoMatchError",
     "ParC",
     "ParcSurgeryError",
@@ -46,6 +51,7 @@ __all__ = [
     "Report",
     "Rule",
     "RuleError",
+    "TeacherMismatchError",
     "TraceError",
     "UnsupportedTargetError",
     "ValidationError",
@@ -54,6 +60,7 @@ __all__ = [
     "count_macs",
     "count_params",
     "get_block",
+    "heal",
     "list_blocks",
     "list_candidates",
     "list_rules",

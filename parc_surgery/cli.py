@@ -37,6 +37,7 @@ from typing import Any
 import click
 
 from .errors import ConfigError, NoMatchError, ParcSurgeryError, ValidationError
+from .healing.cli_options import check_heal_options, heal_options, run_heal
 
 __all__ = ["cli", "main"]
 
@@ -353,6 +354,7 @@ def _audit_loaded(model, manifest: dict, size: tuple[int, int] | None, *, count:
 @click.option("--no-count", is_flag=True, help="Skip counting MACs (faster on big models).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@heal_options
 def cli(**opts: Any) -> None:
     """Swap attention / deep conv-stage blocks of MODEL for ParC blocks as RULE says, and audit the result.
 
@@ -410,6 +412,7 @@ def _run(ui: _Ui, **o: Any) -> int:
         raise click.UsageError("--check-onnx needs weights; it cannot run with --dry-run (meta device)")
     if not rule and not from_file and not o["inspect"]:
         raise click.UsageError("missing option --rule (a bundled rule name, see --list-rules, or a YAML path)")
+    check_heal_options(o, rule=rule, dry=dry)
     report_path = o["report_path"]
     if report_path and Path(report_path).suffix.lower() not in _REPORT_SUFFIXES:
         raise click.BadParameter(f"{report_path!r}: use a .json or .md file", param_hint="'--report'")
@@ -467,6 +470,8 @@ def _run(ui: _Ui, **o: Any) -> int:
                 strict=False,
                 model_name=source_name if not from_file else None,
             )
+        if o["heal"] and conv.report.passed:
+            conv = run_heal(ui, conv, o)
         report, size = conv.report, conv.plan.input_size
         out_model = conv.model
     else:
