@@ -24,7 +24,7 @@ __all__ = ["STATE_FILE", "HealCheckpoint", "create_fingerprint"]
 
 STATE_FILE = "heal_state.json"
 _FORMAT, _VERSION = "parc-surgery-heal-state", 1
-_NOT_FINGERPRINTED = ("progress", "device", "cache_mb")  # how it runs, not what it computes
+_NOT_FINGERPRINTED = ("progress", "device", "cache_mb", "stages")  # how it runs (stages: how far), not what
 
 
 def create_fingerprint(student: nn.Module, names: list[str], *, plan, config, data) -> dict[str, Any]:
