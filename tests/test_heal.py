@@ -214,3 +214,21 @@ def test_recorder_keeps_the_whole_call():
     assert call.args[1] == (2, 3) and call.kwargs == {"scale": 2.0, "mask": None}
     assert torch.equal(call.output[0], torch.full((1, 4), 2.0)) and call.output[1] == (2, 3)
     assert not net.inner._forward_hooks and not net.inner._forward_pre_hooks
+
+
+def test_progress_bars_only_when_asked_or_on_a_terminal(setup, capsys):
+    _, x, _, _, conv = setup
+    ps.heal(conv, x[:40], recon_steps=2, distill_steps=2, batch_size=16, holdout=8)
+    assert "heal stage" not in capsys.readouterr().err  # stderr is no terminal under pytest: quiet
+    ps.heal(conv, x[:40], recon_steps=2, distill_steps=2, batch_size=16, holdout=8, progress=True)
+    err = capsys.readouterr().err
+    assert "recording the teacher" in err and "heal stage 1: block reconstruction" in err and "2/2" in err
+
+
+def test_stage2_feature_alignment_adds_the_block_outputs(setup):
+    _, x, _, _, conv = setup
+    opts = {"stages": (2,), "distill_steps": 2, "batch_size": 16, "holdout": 8}
+    plain = ps.heal(conv, x[:40], **opts).report.heal.stages[0]
+    aligned = ps.heal(conv, x[:40], features=1.0, **opts).report.heal.stages[0]
+    # same weights and first batch: the first loss is the same KL plus the (positive) block-output error
+    assert aligned.loss_first > plain.loss_first + 0.1

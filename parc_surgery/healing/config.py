@@ -30,6 +30,9 @@ class HealConfig:
     recon_lr / distill_lr: AdamW peak learning rates (linear warm-up, cosine decay to 0).
     cosine: weight of a (1 - cosine similarity) term added to stage 1's normalised MSE.
     temperature: distillation temperature of stage 2's KL (the loss is scaled by T^2).
+    features: weight of a hidden-state alignment term added to stage 2's KL: each target's output in
+        the student's own forward against the teacher's recorded output (normalised MSE, as stage 1;
+        MOHAWK-style). 0 turns it off and frees the recordings after stage 1.
     trainable: stage 2's trainable set: ``replaced`` (the new blocks), ``replaced+norms``, ``all``.
     grad_clip: per-block (stage 1) / global (stage 2) gradient-norm clip; None: no clipping.
     device: where the student trains (``cpu``, ``cuda``, ``cuda:1``); None: the local GPU under a
@@ -51,6 +54,7 @@ class HealConfig:
     weight_decay: float = 0.0
     cosine: float = 0.0
     temperature: float = 1.0
+    features: float = 0.0
     trainable: Literal["replaced", "replaced+norms", "all"] = "replaced"
     grad_clip: float | None = 1.0
     device: str | None = None
@@ -77,7 +81,7 @@ class HealConfig:
         object.__setattr__(self, "stages", tuple(sorted(set(stages))))
         for name in ("recon_lr", "distill_lr", "temperature"):
             _positive_float(self, name)
-        for name in ("weight_decay", "cosine"):
+        for name in ("weight_decay", "cosine", "features"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"heal: {name} must be a number >= 0, got {v!r}")

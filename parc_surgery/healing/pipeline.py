@@ -31,7 +31,7 @@ from .chunks import Budget, ChunkSource, TeacherPass
 from .config import HealConfig, create_heal_config
 from .data import create_heal_data
 from .distributed import World, join_world, resolve_device, wrap_ddp
-from .losses import BlockBank, EvalPoint, as_bank_input, distill_loss, measure, teacher_accuracy
+from .losses import BlockBank, EvalPoint, as_bank_input, distill_loss, measure, recon_loss, teacher_accuracy
 from .progress import show_progress
 from .record import eval_mode, get_logits
 from .report import HealedReport, HealReport
@@ -148,7 +148,8 @@ def _heal(conversion, data, teacher, names, cfg, world: World, eval_data, work_d
     if data.heldout is not None and data.heldout_indices:
         shard = world.shard(data.heldout_indices)
         held = ChunkSource(data.heldout, shard, tpass, batch_size=per_rank, record=True, what="held-out", **common)
-    need_calls = 1 in cfg.stages and last is None
+    stage1_left = 1 in cfg.stages and last is None
+    need_calls = stage1_left or (cfg.features > 0 and 2 in cfg.stages and last != 2)
     shard = world.shard(data.train_indices)
     train = ChunkSource(data.train, shard, tpass, batch_size=per_rank, record=need_calls, what="training", **common)
     if not train.cached or (held is not None and not held.cached):
@@ -179,7 +180,8 @@ def _heal(conversion, data, teacher, names, cfg, world: World, eval_data, work_d
             timer = stage_timer()
             if stage == 1:
                 done, losses, stopped, seen, n_params = _stage1(student, train, names, cfg, world, show)
-                train.drop_calls()
+                if not cfg.features:
+                    train.drop_calls()
             else:
                 done, losses, stopped, seen, n_params = _stage2(student, train, names, cfg, world, show)
             first, final = summarize(losses)
@@ -251,15 +253,30 @@ def _stage1(student, train: ChunkSource, names, cfg: HealConfig, world, show):
 
 def _stage2(student, train: ChunkSource, names, cfg: HealConfig, world, show):
     params = collect_params(student, names, cfg.trainable)
-    with trainable_only(student, params):
-        model = wrap_ddp(world, student)
+    outputs: dict[str, list] = {n: [] for n in names}
+    handles = []
+    if cfg.features:  # hidden-state alignment: the student's target outputs in its own forward
+        for n in names:
+            handles.append(student.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outputs[n].append(o)))
+    try:
+        with trainable_only(student, params):
+            model = wrap_ddp(world, student)
 
-        def loss_fn(chunk):
-            return distill_loss(get_logits(model(chunk.x)), chunk.logits, cfg.temperature)
+            def loss_fn(chunk):
+                for v in outputs.values():
+                    v.clear()
+                loss = distill_loss(get_logits(model(chunk.x)), chunk.logits, cfg.temperature)
+                if cfg.features:
+                    align = [recon_loss(o, c.output, n) for n in names for o, c in zip(outputs[n], chunk.calls[n])]
+                    loss = loss + cfg.features * torch.stack(align).mean()
+                return loss
 
-        done, losses, stopped, images = run_stage(
-            world=world, groups=[params], chunks=train.cycle(cfg.distill_steps), steps=cfg.distill_steps,
-            lr=cfg.distill_lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, loss_fn=loss_fn,
-            progress=show, desc=f"heal stage 2: distillation ({cfg.trainable})",
-        )  # fmt: skip
+            done, losses, stopped, images = run_stage(
+                world=world, groups=[params], chunks=train.cycle(cfg.distill_steps), steps=cfg.distill_steps,
+                lr=cfg.distill_lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, loss_fn=loss_fn,
+                progress=show, desc=f"heal stage 2: distillation ({cfg.trainable})",
+            )  # fmt: skip
+    finally:
+        for h in handles:
+            h.remove()
     return done, losses, stopped, images, sum(p.numel() for p in params)
