@@ -69,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--distill-lr", type=float, default=None, help="heal stage 2 lr (default: HealConfig's)")
     p.add_argument("--trainable", default="replaced", help="heal stage 2 trainable set (default: replaced)")
     p.add_argument("--finetune-lr", type=float, default=5e-4, help="plain fine-tune AdamW lr (default: 5e-4)")
-    p.add_argument("--inits", default="warm_start,reference", help="conversion inits (default: both)")
+    p.add_argument("--inits", default="warm_start,reference", help="conversion inits measured (default: both)")
+    p.add_argument("--heal-inits", default=None, help="of --inits, the ones healed and fine-tuned (default: all)")
     p.add_argument("--heal-only", action="store_true", help="only heal the cached teachers' warm-start conversions")
     p.add_argument("--retrain", action="store_true", help="train the teachers again even if cached")
     p.add_argument("--seed", type=int, default=0)
@@ -196,12 +197,17 @@ def run_model(name: str, args, out: Path, train_set, test_set) -> dict:
     x_heal = train_set.tensors[0][: args.images]
     y_heal = train_set.tensors[1][: args.images]
     inits = ["warm_start"] if args.heal_only else args.inits.split(",")
+    heal_inits = inits if args.heal_inits is None or args.heal_only else args.heal_inits.split(",")
     for init in inits:
         conv = parc_surgery.convert(teacher, spec["rule"], input_size=spec["size"], init=init, seed=args.seed)
         r = {
             "targets": [t.name for t in conv.plan.targets],
             "converted": compare(logits_of(conv.model, xt), t_logits, yt),
         }
+        row["inits"][init] = r
+        if init not in heal_inits:
+            log(f"{name} {init}: converted {r['converted']} (not healed)")
+            continue
         t1 = time.time()
         healed = parc_surgery.heal(conv, x_heal, eval_data=test_set, **heal_options(args))
         r["heal_seconds"] = round(time.time() - t1, 1)
@@ -233,7 +239,6 @@ def run_model(name: str, args, out: Path, train_set, test_set) -> dict:
                 "seconds": round(time.time() - t2, 1),
             }
             log(f"{name} {init}: plain fine-tune with labels {r['finetune']}")
-        row["inits"][init] = r
     return row
 
 

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 from heal_helpers import load_folder, train_teacher, write_folder
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import parc_surgery as ps
 from parc_surgery.healing import HealedReport, pipeline
@@ -171,6 +171,26 @@ def test_labels_from_python_data_give_accuracy(setup):
     assert all(p.accuracy is not None for p in h.points)
     unlabelled = ps.heal(conv, x[:40], stages=(1,), recon_steps=1, batch_size=16, holdout=8)
     assert not unlabelled.report.heal.labelled and unlabelled.report.heal.points[0].accuracy is None
+
+
+class _Stream(IterableDataset):
+    """An iterable-style dataset with a length: it must be iterated, never indexed."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __iter__(self):
+        yield from self.x
+
+
+def test_an_iterable_dataset_with_a_length_is_iterated(setup):
+    _, x, _, _, conv = setup
+    out = ps.heal(conv, _Stream(x[:40]), stages=(1,), recon_steps=1, batch_size=16, holdout=8)
+    h = out.report.heal
+    assert h.images_train == 32 and h.images_heldout == 8 and "_Stream (40 images read)" in h.data
 
 
 def test_streamed_recordings_when_over_the_memory_budget(setup):

@@ -212,7 +212,8 @@ def _as_samples(data, what, need, model, size, in_chans, transform) -> tuple[Sam
         if data.dim() != 4:
             raise DataError(f"{what}: a tensor of images must be (N, C, H, W), got shape {tuple(data.shape)}")
         return TensorSamples(_check_images(data, what, in_chans)), f"a tensor of {len(data)} images"
-    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+    map_style = not isinstance(data, torch.utils.data.IterableDataset) and hasattr(data, "__len__")
+    if isinstance(data, torch.utils.data.Dataset) and map_style:
         if len(data) == 0:
             raise DataError(f"{what}: the dataset is empty; give it images")
         return DatasetSamples(data, what), f"a {type(data).__name__} of {len(data)} images"
