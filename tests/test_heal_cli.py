@@ -26,8 +26,9 @@ def folder(tmp_path_factory):
 
 def test_heal_from_the_cli_writes_a_healed_model_and_report(folder, tmp_path):
     out, report = tmp_path / "m.safetensors", tmp_path / "r.md"
-    args = [*SLIM, "--heal", str(folder), "--heal-steps", "2", "--heal-images", "16", "--heal-batch-size", "8",
-            "--heal-device", "cpu", "--heal-work-dir", str(tmp_path / "work"), "-o", str(out), "--report", str(report)]  # fmt: skip
+    heal = ["--heal", str(folder), "--heal-steps", "2", "--heal-images", "16", "--heal-batch-size", "8"]
+    args = [*SLIM, *heal, "--heal-device", "cpu", "--heal-work-dir", str(tmp_path / "work"), "-o", str(out)]
+    args += ["--report", str(report)]
     result = run(args)
     assert result.exit_code == 0, result.output
     assert "Heal stages" in result.output and "targets by damage" in result.output

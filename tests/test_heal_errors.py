@@ -92,7 +92,7 @@ def test_teacher_mismatch(conv):
     x = torch.randn(12, 3, 16, 16)
     with pytest.raises(TeacherMismatchError, match="the teacher is the converted model itself"):
         _heal(conv, x, teacher=conv.model)
-    with pytest.raises(TeacherMismatchError, match="has no module 'blocks.0.attn'"):
+    with pytest.raises(TeacherMismatchError, match=r"has no module 'blocks\.0\.attn'"):
         _heal(conv, x, teacher=HybridNet())
     other = ToyViT(dim=16, depth=2, patch=4)
     other.blocks[0].attn = torch.nn.Identity()
@@ -100,14 +100,14 @@ def test_teacher_mismatch(conv):
         _heal(conv, x, teacher=other)
     with pytest.raises(TeacherMismatchError, match="never called target"):
         _heal(conv, x, teacher=SkipViT(dim=16, depth=2, patch=4))
-    with pytest.raises(TeacherMismatchError, match="must be a torch.nn.Module"):
+    with pytest.raises(TeacherMismatchError, match=r"must be a torch\.nn\.Module"):
         _heal(conv, x, teacher="resnet18")
 
 
 def test_conversion_without_its_original_needs_a_teacher(conv):
     with pytest.raises(ConfigError, match="pass the original model as teacher="):
         _heal(dataclasses.replace(conv, original=None), torch.randn(12, 3, 16, 16))
-    with pytest.raises(ConfigError, match="must be what parc_surgery.convert returned"):
+    with pytest.raises(ConfigError, match=r"must be what parc_surgery\.convert returned"):
         ps.heal(conv.model, torch.randn(12, 3, 16, 16))
 
 
@@ -135,5 +135,5 @@ def test_bad_work_dir(conv, tmp_path):
         _heal(conv, x, work_dir=tmp_path / "f")
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "heal_state.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="cannot read .*heal_state.json.*delete it"):
+    with pytest.raises(CheckpointError, match=r"cannot read .*heal_state\.json.*delete it"):
         _heal(conv, x, work_dir=tmp_path / "w")
