@@ -18,6 +18,9 @@ conversions with DDP (gloo on CPU) with the same options, to compare with the si
 
     nice -n 10 python benchmarks/bench_heal.py --out out/bench_heal
     nice -n 10 torchrun --standalone --nproc_per_node=2 benchmarks/bench_heal.py --out out/bench_heal --heal-only
+
+(give the torchrun run the same options as the single-process one; the figures in ``benchmarks/README.md``
+were taken with smaller budgets, one model per process: the command lines are there.)
     python benchmarks/bench_heal.py --quick --out /tmp/bench_heal       # a smoke run: tiny budgets
 """
 
@@ -43,10 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from finetune_ddp import load_digits_split  # the examples' digits split, reused as is
 
 MODELS = {
-    # DeiT-style ViT (timm VisionTransformer with a class token) scaled to 32x32 digits: 8x8 patches of 4x4 pixels
+    # DeiT-style ViT (timm VisionTransformer with a class token) scaled to 32x32 digits: a 4x4 grid of 8x8-pixel
+    # patches (2x2 digit pixels each; with 4x4-pixel patches, 64 tokens, it learned too slowly for this CPU)
     "deit": {
         "timm": "deit_tiny_patch16_224",
-        "args": {"img_size": 32, "patch_size": 4, "embed_dim": 128, "depth": 4, "num_heads": 4},
+        "args": {"img_size": 32, "patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4},
         "rule": "vit_attention2parc",
         "size": 32,
     },
