@@ -32,6 +32,7 @@ from torch import nn
 
 from .errors import ConfigError, ParcSurgeryError, ValidationError
 from .ops.parc import use_impl
+from .train_flags import get_train_flags, set_train_flags
 
 __all__ = ["OnnxResult", "check_onnx", "onnx_census"]
 
@@ -199,7 +200,7 @@ def check_onnx(
     if params is not None and params.device.type == "meta":
         raise ConfigError("check_onnx: the model is on the meta device (no weights); export needs a real model")
     x = example_input(model, size, in_chans=in_chans)
-    flags = {m: m.training for m in model.modules()}
+    flags = get_train_flags(model)
     model.eval()
     attempts: list[str] = []
     tmpdir = None
@@ -257,7 +258,6 @@ def check_onnx(
             + "\nSee parc_surgery.onnx_check for what each attempt does."
         )
     finally:
-        for m, f in flags.items():
-            m.training = f
+        set_train_flags(flags)
         if tmpdir is not None:
             tmpdir.cleanup()

@@ -29,6 +29,8 @@ from torch import nn
 
 from .dataflow import Dataflow, DataflowRecorder, ModuleCall
 from .errors import TraceError
+from .inputs import get_in_chans
+from .train_flags import eval_mode
 
 __all__ = [
     "CallRecord",
@@ -135,31 +137,16 @@ def example_input(model: nn.Module, input_size: tuple[int, int], *, batch: int =
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     if in_chans is None:
-        in_chans = get_in_chans(model)
+        in_chans = get_in_chans(model, default=3)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, in_chans, *input_size, generator=g, dtype=torch.float32)
     return x.to(device=device, dtype=dtype)
 
 
-def get_in_chans(model: nn.Module) -> int:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if size and len(size) == 3:
-        return int(size[0])
-    if isinstance(getattr(model, "in_chans", None), int):
-        return model.in_chans
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-        if isinstance(m, nn.Linear):
-            break
-    return 3
-
-
 def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
     """Run ``model(x)`` once in eval mode without grad, recording shapes, call order and attention ops.
 
-    The model's training flag is restored afterwards; nothing else about it changes.
+    Every module's training flag is restored afterwards; nothing else about the model changes.
     """
     calls: dict[str, CallRecord] = {}
     aliases: dict[int, list[str]] = {}
@@ -210,14 +197,12 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
         seen.add(id(mod))
         handles.append(mod.register_forward_pre_hook(pre(name), with_kwargs=True))
         handles.append(mod.register_forward_hook(post(name)))
-    was_training = model.training
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
-        model.eval()
         # nn.MultiheadAttention / nn.TransformerEncoderLayer run one fused op in eval without grad; the probe
         # needs to see their attention as attention (projections, SDPA), so their fast path is off here
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), recorder:
+        with eval_mode(model), torch.no_grad(), recorder:
             recorder.to_refs(x, taint=True)
             out = model(x)
     except Exception as e:  # the model's own failure at this size
@@ -231,7 +216,6 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fastpath)
     t = _first_tensor(out)
     owners = _attention_owners(recorder.flow)
@@ -328,7 +312,9 @@ def trace_side_effects_undone(model: nn.Module):
     Some forwards cache a computed tensor on the module in eval (timm's ``Attention2d.attention_bias_cache``):
     traced, the cache keeps an fx ``Proxy`` of that trace's graph, which a later trace of the same module would
     read as a node of another graph (and a later forward would fail on). Attributes set, replaced or added and
-    dict / list / set contents changed during the trace are put back as they were.
+    dict / list / set contents changed during the trace are put back as they were, including the tensor
+    constants the tracer itself sets on the root (``_tensor_constant0``): build the ``GraphModule`` inside the
+    context, which copies them.
     """
     saved = []
     for m in model.modules():
@@ -373,8 +359,10 @@ def trace_model(model: nn.Module, leaf_types: Iterable[type] = ()) -> tuple[torc
         tracer = _Tracer()
         with trace_side_effects_undone(model):
             graph = tracer.trace(model, concrete_args=_default_args(model))
-        # the default class name: torch.fx makes a class per GraphModule, and one named after the model's own class
-        # would put that name among the torch classes a rule may name (parc_surgery.types' allow-list)
-        return torch.fx.GraphModule(tracer.root, graph), ""
+            # built before the undo: the tensor constants the tracer set on the root are copied into the
+            # GraphModule, then removed from the user's model.
+            # The default class name: torch.fx makes a class per GraphModule, and one named after the model's own
+            # class would put that name among the torch classes a rule may name (parc_surgery.types' allow-list)
+            return torch.fx.GraphModule(tracer.root, graph), ""
     except Exception as e:
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
