@@ -26,7 +26,7 @@ from torch import nn
 
 from ..api import Conversion
 from ..errors import ConfigError, DataError, ParcSurgeryError, TeacherMismatchError
-from ..probe import get_in_chans
+from ..inputs import get_in_chans
 from .chunks import Budget, ChunkSource, TeacherPass
 from .config import HealConfig, create_heal_config
 from .data import create_heal_data
