@@ -55,6 +55,8 @@ class Conversion:
     report: Report
     carry: dict[str, CarryRecord] = field(default_factory=dict)
     rule: Rule | None = None
+    # the user's model this was converted from (a reference, never modified): heal()'s default teacher
+    original: nn.Module | None = field(default=None, repr=False, compare=False)
 
 
 def get_model_name(model: nn.Module) -> str:
@@ -303,7 +305,7 @@ def convert(
     name = model_name or get_model_name(model)
     work = _copy(model)  # everything happens on this copy; the user's model is never run or touched
     with _user_hooks_detached(work), _guard("converting the model", UnsupportedTargetError):
-        return _convert(
+        conv = _convert(
             work,
             r,
             size,
@@ -316,6 +318,8 @@ def convert(
             count=count,
             strict=strict,
         )
+    conv.original = model
+    return conv
 
 
 def _convert(work, r, size, name, *, original, impl, init, seed, validate, count, strict) -> Conversion:
