@@ -15,14 +15,17 @@ from .checkpoint import load, read_manifest, save
 from .errors import (
     CheckpointError,
     ConfigError,
+    DataError,
     NoMatchError,
     ParcSurgeryError,
     RuleError,
+    TeacherMismatchError,
     TraceError,
     UnsupportedTargetError,
     ValidationError,
 )
 from .flops import count_macs, count_params
+from .healing import HealConfig, heal
 from .ops import ParC
 from .plan import Plan
 from .report import Check, Report
@@ -38,6 +41,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Conversion",
+    "DataError",
+    "HealConfig",
     "NoMatchError",
     "ParC",
     "ParcSurgeryError",
@@ -46,6 +51,7 @@ __all__ = [
     "Report",
     "Rule",
     "RuleError",
+    "TeacherMismatchError",
     "TraceError",
     "UnsupportedTargetError",
     "ValidationError",
@@ -54,6 +60,7 @@ __all__ = [
     "count_macs",
     "count_params",
     "get_block",
+    "heal",
     "list_blocks",
     "list_candidates",
     "list_rules",

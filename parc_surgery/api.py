@@ -21,9 +21,10 @@ from .errors import ConfigError, TraceError, UnsupportedTargetError, ValidationE
 from .flops import count_macs, count_macs_impls, count_params
 from .helpers import as_hw
 from .inputs import example_input, resolve_input_size
+from .module_state import module_state_kept
 from .plan import Plan
 from .preserved import check_preserved
-from .probe import get_timm_leaves, module_state_kept
+from .probe import get_timm_leaves
 from .report import Check, Report, TargetReport
 from .rewrite import apply_plan, rewrite_notes
 from .rule import Rule, load_rule
@@ -54,6 +55,8 @@ class Conversion:
     report: Report
     carry: dict[str, CarryRecord] = field(default_factory=dict)
     rule: Rule | None = None
+    # the user's model this was converted from (a reference, never modified): heal()'s default teacher
+    original: nn.Module | None = field(default=None, repr=False, compare=False)
 
 
 def get_model_name(model: nn.Module) -> str:
@@ -152,7 +155,7 @@ def convert(
     name = model_name or get_model_name(model)
     work = copy_model(model)  # everything happens on this copy; the user's model is never run or touched
     with user_hooks_detached(work), guard_phase("converting the model", UnsupportedTargetError):
-        return _convert(
+        conv = _convert(
             work,
             r,
             size,
@@ -165,6 +168,8 @@ def convert(
             count=count,
             strict=strict,
         )
+    conv.original = model
+    return conv
 
 
 def _convert(work, r, size, name, *, original, impl, init, seed, validate, count, strict) -> Conversion:

@@ -38,6 +38,7 @@ from typing import Any
 import click
 
 from .errors import ConfigError, NoMatchError, ParcSurgeryError, ValidationError
+from .healing.cli_options import check_heal_options, heal_options, run_heal
 from .render import Ui
 from .sources import list_source_forms
 from .vocab import IMPLS, INITS
@@ -186,6 +187,7 @@ def _with_check(report, check):
 @click.option("--no-count", is_flag=True, help="Skip counting MACs (faster on big models).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@heal_options
 def cli(**opts: Any) -> None:
     """Swap attention / deep conv-stage blocks of MODEL for ParC blocks as RULE says, and audit the result.
 
@@ -237,6 +239,7 @@ def _check_usage(o: dict[str, Any], from_file: bool, margs: dict) -> None:
         raise click.UsageError("--check-onnx needs weights; it cannot run with --dry-run (meta device)")
     if not o["rule"] and not from_file and not o["inspect"]:
         raise click.UsageError("missing option --rule (a bundled rule name, see --list-rules, or a YAML path)")
+    check_heal_options(o, rule=o["rule"], dry=o["dry_run"])
     report_path = o["report_path"]
     if report_path and Path(report_path).suffix.lower() not in _REPORT_SUFFIXES:
         raise click.BadParameter(f"{report_path!r}: use a .json or .md file", param_hint="'--report'")
@@ -309,6 +312,8 @@ def _run(ui: Ui, **o: Any) -> int:
                 strict=False,
                 model_name=None if from_file else source.spec,
             )
+        if o["heal"] and conv.report.passed:
+            conv = run_heal(ui, conv, o)
         report, size = conv.report, conv.plan.input_size
         out_model = conv.model
     else:

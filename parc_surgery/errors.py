@@ -9,9 +9,11 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "DataError",
     "NoMatchError",
     "ParcSurgeryError",
     "RuleError",
+    "TeacherMismatchError",
     "TraceError",
     "UnsupportedTargetError",
     "ValidationError",
@@ -48,3 +50,11 @@ class ValidationError(ParcSurgeryError):
 
 class CheckpointError(ParcSurgeryError):
     """A file that cannot be written or read back: not a parc-surgery file, tampered, exists already."""
+
+
+class DataError(ConfigError):
+    """Images that cannot be used to heal: an empty or unreadable folder or file, images that do not fit the model."""
+
+
+class TeacherMismatchError(ConfigError):
+    """A teacher model that does not match the conversion it should heal (missing targets, other outputs)."""

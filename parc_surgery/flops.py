@@ -204,7 +204,7 @@ def count_macs(
         raise ConfigError(f"count_macs: in_chans must be a positive int or None, got {in_chans!r}")
     if parc_impl is not None and parc_impl not in IMPLS:
         raise ConfigError(f"count_macs: parc_impl must be one of {IMPLS} or None, got {parc_impl!r}")
-    chans = in_chans if in_chans is not None else get_in_chans(model)
+    chans = in_chans if in_chans is not None else get_in_chans(model, input_size=size)
     try:
         target = torch.device(device) if device is not None else _model_device(model)
     except (RuntimeError, TypeError) as e:

@@ -32,7 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .carry import CarryBuilder, CarryRecord
 from .dataflow import TRef
 from .errors import UnsupportedTargetError
-from .probe import trace_side_effects_undone
+from .module_state import trace_side_effects_undone
 
 __all__ = ["InlinePlan", "plan_inline_rewrite", "rewrite_inline_attention", "trace_block"]
 

@@ -139,7 +139,7 @@ def _create(
     )
     h, w = planned["size"]
     cfg = dict(model.pretrained_cfg)
-    cfg.update(input_size=(get_in_chans(model, default=3), h, w), source_model=base, parc_rule=rule)
+    cfg.update(input_size=(get_in_chans(model, default=3, input_size=(h, w)), h, w), source_model=base, parc_rule=rule)
     model.pretrained_cfg = model.default_cfg = cfg
     # the rebuild arguments are the caller's, not those the base model was built with (timm merges this dict)
     model._model_args = {k: v for k, v in kwargs.items() if k not in _NOT_MODEL_ARGS and v is not None}

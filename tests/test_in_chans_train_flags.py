@@ -165,3 +165,34 @@ def test_onnx_check_restores_each_flag():
     before = _flags(model)
     check_onnx(model, 16)
     assert _flags(model) == before
+
+
+class SpaceToDepthNet(nn.Module):
+    """A stem that changes the channel count before the first conv (tresnet's space-to-depth)."""
+
+    def __init__(self, cfg: dict | None = None):
+        super().__init__()
+        self.conv = nn.Conv2d(12, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+        if cfg is not None:
+            self.pretrained_cfg = cfg
+
+    def forward(self, x):
+        x = self.conv(nn.functional.pixel_unshuffle(x, 2))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_first_conv_not_fed_by_the_input_does_not_decide():
+    """Regression: reading the weights first made tresnet / csatv2 fail at (1, 48|64, H, W) in the zoo sweep."""
+    timm_like = SpaceToDepthNet({"first_conv": "conv", "input_size": (3, 32, 32)})
+    assert get_in_chans(timm_like) == 3
+    assert get_in_chans(SpaceToDepthNet(), default=3) == 3  # the default is tried when the weights' answer fails
+    assert get_in_chans(SpaceToDepthNet()) == 12  # nothing else tells
+    assert count_macs(timm_like, 32).macs == count_macs(timm_like, 32, in_chans=3).macs
+
+
+def test_tresnet_stem_converts():
+    model = timm.create_model("tresnet_m", pretrained=False, num_classes=4).eval()
+    assert get_in_chans(model) == 3
+    conv = ps.convert(model, "convstage2parc", input_size=64, count=False)
+    assert conv.report.passed and conv.plan.targets

@@ -1,0 +1,294 @@
+"""Heal figures: how much of a trained teacher's function ``parc_surgery.heal`` recovers after surgery.
+
+Not a timed test: it trains real (small) teachers and measures agreement and accuracy. For each model:
+
+1. **Teacher**: a timm model trained here, with labels, on scikit-learn's digits (1,797 real 8x8
+   images, upsampled; 1,347 train / 450 test, as ``examples/finetune_ddp.py`` splits them). Saved with
+   safetensors under ``--out`` and reused by later runs (``--retrain`` trains again).
+2. **Convert** it with the model's rule, ``init`` ``warm_start`` and ``reference``: agreement with the
+   teacher (top-1), KL(teacher || student) and accuracy on the 450 test images, right after conversion.
+3. **Heal** each conversion with ``--images`` unlabelled training images (stage 1 block reconstruction,
+   stage 2 distillation): the same figures after each stage, the mean block error before/after stage 1.
+4. **Plain fine-tune** of the same conversion *with* labels (cross-entropy, every parameter, AdamW),
+   on the same images for the same number of steps and batch size as the two heal stages together.
+
+Results go to ``--out/results.json`` (``results_ddp.json`` under torchrun) and a Markdown table on
+stdout. Under ``torchrun --nproc_per_node=2 ... --heal-only`` it heals the cached teachers' warm-start
+conversions with DDP (gloo on CPU) with the same options, to compare with the single-process figures::
+
+    nice -n 10 python benchmarks/bench_heal.py --out out/bench_heal
+    nice -n 10 torchrun --standalone --nproc_per_node=2 benchmarks/bench_heal.py --out out/bench_heal --heal-only
+
+(give the torchrun run the same options as the single-process one; the figures in ``benchmarks/README.md``
+were taken with smaller budgets, one model per process: the command lines are there.)
+    python benchmarks/bench_heal.py --quick --out /tmp/bench_heal       # a smoke run: tiny budgets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch.utils.data import TensorDataset
+
+import parc_surgery
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from finetune_ddp import load_digits_split  # the examples' digits split, reused as is
+
+MODELS = {
+    # DeiT-style ViT (timm VisionTransformer with a class token) scaled to 32x32 digits: a 4x4 grid of 8x8-pixel
+    # patches (2x2 digit pixels each; with 4x4-pixel patches, 64 tokens, it learned too slowly for this CPU)
+    "deit": {
+        "timm": "deit_tiny_patch16_224",
+        "args": {"img_size": 32, "patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4},
+        "rule": "vit_attention2parc",
+        "size": 32,
+    },
+    # MobileViT-XXS at 64x64: its three MobileViT blocks see 8x8, 4x4 and 2x2 maps
+    "mobilevit": {"timm": "mobilevit_xxs", "args": {}, "rule": "vit2parc", "size": 64},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="deit,mobilevit", help=f"comma-separated, of {', '.join(MODELS)}")
+    p.add_argument("--out", default="out/bench_heal", help="folder for teachers and results (default: out/bench_heal)")
+    p.add_argument("--teacher-steps", type=int, default=600, help="teacher training steps (default: 600)")
+    p.add_argument("--teacher-lr", type=float, default=1e-3, help="teacher AdamW lr (default: 1e-3)")
+    p.add_argument("--images", type=int, default=1024, help="unlabelled images to heal with (default: 1024)")
+    p.add_argument("--recon-steps", type=int, default=300, help="heal stage 1 steps (default: 300)")
+    p.add_argument("--distill-steps", type=int, default=300, help="heal stage 2 steps (default: 300)")
+    p.add_argument("--batch-size", type=int, default=32, help="heal and fine-tune global batch (default: 32)")
+    p.add_argument("--recon-lr", type=float, default=None, help="heal stage 1 lr (default: HealConfig's)")
+    p.add_argument("--distill-lr", type=float, default=None, help="heal stage 2 lr (default: HealConfig's)")
+    p.add_argument("--trainable", default="replaced", help="heal stage 2 trainable set (default: replaced)")
+    p.add_argument("--finetune-lr", type=float, default=5e-4, help="plain fine-tune AdamW lr (default: 5e-4)")
+    p.add_argument("--inits", default="warm_start,reference", help="conversion inits measured (default: both)")
+    p.add_argument("--heal-inits", default=None, help="of --inits, the ones healed and fine-tuned (default: all)")
+    p.add_argument("--heal-only", action="store_true", help="only heal the cached teachers' warm-start conversions")
+    p.add_argument("--retrain", action="store_true", help="train the teachers again even if cached")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run of the script)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.teacher_steps, a.recon_steps, a.distill_steps, a.images = 20, 6, 6, 64
+    return a
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def log(*args) -> None:
+    if rank() == 0:
+        print(*args, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def create(spec: dict) -> torch.nn.Module:
+    return timm.create_model(spec["timm"], pretrained=False, num_classes=10, **spec["args"])
+
+
+def train_teacher(name: str, spec: dict, train_set: TensorDataset, args, out: Path) -> tuple[torch.nn.Module, dict]:
+    """The cached teacher, or one trained now (AdamW, warm-up + cosine, light shift augmentation)."""
+    path, meta_path = out / f"teacher_{name}.safetensors", out / f"teacher_{name}.json"
+    torch.manual_seed(args.seed)
+    model = create(spec)
+    meta = {"steps": args.teacher_steps, "lr": args.teacher_lr, "seed": args.seed, **spec}
+    if path.is_file() and meta_path.is_file() and not args.retrain:
+        saved = json.loads(meta_path.read_text())
+        if {k: saved.get(k) for k in meta} == meta:
+            load_model(model, path)
+            return model.eval(), saved
+    if args.heal_only:
+        raise SystemExit(f"no cached teacher {path} for these options: run the single-process benchmark first")
+    x, y = train_set.tensors
+    g = torch.Generator().manual_seed(args.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.teacher_lr, weight_decay=0.05)
+    warm = max(1, args.teacher_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / args.teacher_steps))
+    )
+    t0 = time.time()
+    model.train()
+    for _ in range(args.teacher_steps):
+        idx = torch.randint(len(x), (64,), generator=g)
+        xb = x[idx]
+        shift = torch.randint(-2, 3, (2,), generator=g).tolist()  # a random shift of up to 2 pixels per batch
+        xb = torch.roll(xb, shifts=shift, dims=(2, 3))
+        loss = F.cross_entropy(model(xb), y[idx], label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    meta["train_seconds"] = round(time.time() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(path))
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return model, meta
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def compare(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor) -> dict:
+    kl = F.kl_div(
+        student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    return {
+        "agreement": (student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean().item(),
+        "kl": kl.item(),
+        "accuracy": (student_logits.argmax(-1) == y).float().mean().item(),
+    }
+
+
+def plain_finetune(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch: int, lr: float, seed: int
+):
+    """Cross-entropy with labels, every parameter, eval-mode layers (as heal trains), AdamW + cosine."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(1, steps))))
+    g = torch.Generator().manual_seed(seed)
+    model.eval()
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch:
+            order += torch.randperm(len(x), generator=g).tolist()
+        idx, order = order[:batch], order[batch:]
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model
+
+
+def heal_options(args) -> dict:
+    opts = {"recon_steps": args.recon_steps, "distill_steps": args.distill_steps, "batch_size": args.batch_size,
+            "trainable": args.trainable, "seed": args.seed, "images": args.images}  # fmt: skip
+    if args.recon_lr is not None:
+        opts["recon_lr"] = args.recon_lr
+    if args.distill_lr is not None:
+        opts["distill_lr"] = args.distill_lr
+    return opts
+
+
+def run_model(name: str, args, out: Path, train_set, test_set) -> dict:
+    spec = MODELS[name]
+    t0 = time.time()
+    teacher, meta = train_teacher(name, spec, train_set, args, out)
+    xt, yt = test_set.tensors
+    t_logits = logits_of(teacher, xt)
+    acc = compare(t_logits, t_logits, yt)["accuracy"]
+    row = {**spec, "model": name, "teacher_accuracy": acc, "teacher_meta": meta, "inits": {}}
+    log(f"{name}: teacher test accuracy {row['teacher_accuracy']:.4f} ({time.time() - t0:.0f}s)")
+    x_heal = train_set.tensors[0][: args.images]
+    y_heal = train_set.tensors[1][: args.images]
+    inits = ["warm_start"] if args.heal_only else args.inits.split(",")
+    heal_inits = inits if args.heal_inits is None or args.heal_only else args.heal_inits.split(",")
+    for init in inits:
+        conv = parc_surgery.convert(teacher, spec["rule"], input_size=spec["size"], init=init, seed=args.seed)
+        r = {
+            "targets": [t.name for t in conv.plan.targets],
+            "converted": compare(logits_of(conv.model, xt), t_logits, yt),
+        }
+        row["inits"][init] = r
+        if init not in heal_inits:
+            log(f"{name} {init}: converted {r['converted']} (not healed)")
+            continue
+        t1 = time.time()
+        healed = parc_surgery.heal(conv, x_heal, eval_data=test_set, **heal_options(args))
+        r["heal_seconds"] = round(time.time() - t1, 1)
+        h = healed.report.heal
+        r["heal"] = h.to_dict()
+        for p in h.points:
+            r[p.name] = {
+                "agreement": p.agreement,
+                "kl": p.kl,
+                "accuracy": p.accuracy,
+                "block_error": p.mean_block_error,
+            }
+        before, after = h.point("converted"), h.point("stage 1")
+        if before and after and after.mean_block_error:
+            r["block_error_cut"] = before.mean_block_error / after.mean_block_error
+        if rank() == 0:
+            (out / f"heal_{name}_{init}{'_ddp' if args.heal_only else ''}.md").write_text(healed.report.to_markdown())
+        log(f"{name} {init}: converted {r['converted']}, healed {r.get('stage 2') or r.get('stage 1')} "
+            f"({r['heal_seconds']}s)")  # fmt: skip
+        if not args.heal_only:
+            t2 = time.time()
+            torch.manual_seed(args.seed)
+            ft = parc_surgery.convert(teacher, spec["rule"], input_size=spec["size"], init=init, seed=args.seed).model
+            steps = args.recon_steps + args.distill_steps
+            plain_finetune(ft, x_heal, y_heal, steps=steps, batch=args.batch_size, lr=args.finetune_lr, seed=args.seed)
+            r["finetune"] = {
+                **compare(logits_of(ft, xt), t_logits, yt),
+                "steps": steps,
+                "seconds": round(time.time() - t2, 1),
+            }
+            log(f"{name} {init}: plain fine-tune with labels {r['finetune']}")
+    return row
+
+
+def table(results: dict) -> str:
+    lines = [
+        "| model | init | point | top-1 agreement | KL | accuracy | mean block error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in results["rows"]:
+        lines.append(f"| {row['model']} | | teacher | | | {row['teacher_accuracy']:.4f} | |")
+        for init, r in row["inits"].items():
+            for point in ("converted", "stage 1", "stage 2", "finetune"):
+                m = r.get(point)
+                if m is None:
+                    continue
+                label = "plain fine-tune (labels)" if point == "finetune" else point
+                be = m.get("block_error")
+                be = f"{be:.4f}" if be is not None else ""
+                acc = "" if m["accuracy"] is None else f"{m['accuracy']:.4f}"
+                lines.append(f"| {row['model']} | {init} | {label} | {m['agreement']:.4f} | {m['kl']:.4f} | "
+                             f"{acc} | {be} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    if rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    sizes = {MODELS[m]["size"] for m in args.models.split(",")}
+    data = {s: load_digits_split(s, args.seed) for s in sizes}
+    rows = []
+    for name in args.models.split(","):
+        train_set, test_set = data[MODELS[name]["size"]]
+        rows.append(run_model(name, args, out, train_set, test_set))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    results = {"args": vars(args), "world_size": world, "torch": torch.__version__, "rows": rows,
+               "seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads()}  # fmt: skip
+    if rank() == 0:
+        (out / ("results_ddp.json" if args.heal_only else "results.json")).write_text(json.dumps(results, indent=2))
+        print(table(results))
+        print(f"\n{world} process(es), {results['seconds']} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
