@@ -31,8 +31,7 @@ from .plan import Plan
 from .report import Check, Report
 from .rule import Rule, list_rules, load_rule
 from .types import register_type
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "BlockContext",

@@ -3,43 +3,43 @@
 ``convert(model, rule)`` never touches the user's model: it works on a deep copy. ``match`` finds each rule
 target's candidates (pure sets); ``plan`` plans and checks every candidate once, recording refusals; only
 after every target has been planned and checked does ``rewrite`` build the replacement blocks and swap them in.
-``list_candidates(model, rule)`` is the discovery tool every "nothing matched" error points to.
+``list_candidates(model, rule)`` is the discovery tool every "nothing matched" error points to. The phases
+before any change (copy, probe, trace, match, plan) are :mod:`parc_surgery.survey`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
-from .blocks import CarryRecord, get_block_spec, list_blocks
 from .candidates import Candidates
-from .errors import (
-    ConfigError,
-    NoMatchError,
-    ParcSurgeryError,
-    TraceError,
-    UnsupportedTargetError,
-    ValidationError,
-)
+from .carry import CarryRecord
+from .errors import ConfigError, TraceError, UnsupportedTargetError, ValidationError
 from .flops import count_macs, count_macs_impls, count_params
-from .match import select_candidates
+from .helpers import as_hw
+from .inputs import example_input, resolve_input_size
 from .module_state import module_state_kept
-from .ops import ParC
-from .plan import Plan, PlanResult, plan_targets, refusal_error
+from .plan import Plan
 from .preserved import check_preserved
-from .probe import ProbeResult, _timm_leaves, example_input, probe_model, trace_model
+from .probe import get_timm_leaves
 from .report import Check, Report, TargetReport
 from .rewrite import apply_plan, rewrite_notes
 from .rule import Rule, load_rule
-from .stages import Stage, find_stages
-from .types import type_name_matches
+from .survey import (
+    check_model,
+    checked_plan,
+    copy_model,
+    guard_phase,
+    list_replaceable,
+    plan_survey,
+    survey_model,
+    user_hooks_detached,
+)
 from .validate import eval_forward, second_size, validate_model
+from .vocab import IMPLS, INITS
 
 __all__ = ["Candidates", "Conversion", "convert", "get_model_name", "list_candidates", "resolve_input_size"]
 
@@ -60,164 +60,14 @@ class Conversion:
 
 
 def get_model_name(model: nn.Module) -> str:
+    """The name the report uses: timm's architecture name, else the model's class name."""
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("architecture"):
         return str(cfg["architecture"])
     return type(model).__name__
 
 
-def _as_hw(value, what: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        isinstance(value, (tuple, list))
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    ):
-        return int(value[0]), int(value[1])
-    raise ConfigError(f"{what} must be a positive int or (H, W) of positive ints, got {value!r}")
-
-
-def resolve_input_size(model: nn.Module, input_size=None, rule: Rule | None = None) -> tuple[int, int]:
-    """The input size to plan at: given, else the rule's, else timm's ``pretrained_cfg``."""
-    if input_size is not None:
-        return _as_hw(input_size, "input_size")
-    if rule is not None and rule.input_size is not None:
-        return _as_hw(rule.input_size, "rule input_size")
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        return _as_hw(tuple(cfg["input_size"])[-2:], "pretrained_cfg input_size")
-    raise ConfigError(
-        f"input_size is needed for a {type(model).__name__} (it has no timm pretrained_cfg): "
-        "pass input_size=(H, W) (CLI: --input-size H W)"
-    )
-
-
-@contextlib.contextmanager
-def _guard(what: str, error: type[ParcSurgeryError]):
-    """Turn an unexpected exception of one phase into ``error`` saying which phase met it (user errors pass)."""
-    try:
-        yield
-    except (ParcSurgeryError, MemoryError):
-        raise
-    except Exception as e:
-        raise error(
-            f"{what} failed: {type(e).__name__}: {e}. The input model is unchanged; this model / rule combination "
-            "is not supported (please report it with the model and rule)."
-        ) from e
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    with _guard("deep-copying the model (the engine works on a copy, never on the model itself)", ConfigError):
-        return copy.deepcopy(model)
-
-
-def _check_model(model) -> None:
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def _replaceable(model: nn.Module) -> list[tuple[str, str, tuple[str, ...]]]:
-    out = []
-    blocks = [(b, get_block_spec(b).replaces) for b in list_blocks()]
-    for name, mod in model.named_modules():
-        if not name:
-            continue
-        hits = tuple(b for b, reps in blocks if any(type_name_matches(type(mod), r) for r in reps))
-        if hits:
-            out.append((name, type(mod).__name__, hits))
-    return out
-
-
-@dataclass
-class _Survey:
-    work: nn.Module
-    size: tuple[int, int]
-    x: torch.Tensor
-    probe: ProbeResult
-    stages: list[Stage]
-    traced: bool
-    trace_note: str
-    leaf_types: tuple[type, ...] = ()
-
-
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-
-
-@contextlib.contextmanager
-def _user_hooks_detached(model: nn.Module):
-    """Detach the (deep-copied) user hooks while the engine runs the copy; put them back afterwards.
-
-    The copy shares hook *functions* with the user's model, so running them would touch the user's state.
-    """
-    stash = []
-    for m in model.modules():
-        saved = {a: dict(getattr(m, a)) for a in _HOOK_DICTS if getattr(m, a, None)}
-        if saved:
-            stash.append((m, saved))
-            for a in saved:
-                getattr(m, a).clear()
-    try:
-        yield
-    finally:
-        for m, saved in stash:
-            for a, d in saved.items():
-                getattr(m, a).update(d)
-
-
-def _survey(work: nn.Module, size: tuple[int, int]) -> _Survey:
-    """Probe and trace ``work`` (the engine's own copy of the user's model)."""
-    x = example_input(work, size)
-    probe = probe_model(work, x)
-    gm, why = trace_model(work)
-    leaves: tuple[type, ...] = ()
-    if gm is None:  # retry with the replaceable blocks as leaves (their own forwards may not trace)
-        leaves = tuple({type(work.get_submodule(n)) for n, _, _ in _replaceable(work)})
-        if leaves and trace_model(work, leaves)[0] is not None:
-            gm, why = True, f"traced with {len(leaves)} candidate block type(s) as leaves"
-    return _Survey(work, size, x, probe, find_stages(work, probe), gm is not None, why, leaves)
-
-
-def _no_match(rule: Rule, survey: _Survey, diags, model_name: str, extra: str = "") -> NoMatchError:
-    lines = "\n  ".join(d.describe() for d in diags)
-    return NoMatchError(
-        f"rule {rule.name!r} selected nothing in {model_name} at input {survey.size[0]}x{survey.size[1]}"
-        f"{extra}:\n  {lines}\n"
-        f"The model has {len(survey.stages)} stage(s), {len(survey.probe.attention)} detected attention "
-        f"module(s). Run parc_surgery.list_candidates(model, rule) (CLI: parc-convert MODEL --rule RULE --inspect) "
-        "to see its stages, replaceable blocks and what the rule selects."
-    )
-
-
-def _plan(rule: Rule, survey: _Survey, *, impl=None, init=None) -> PlanResult:
-    """match (each target's candidates) -> plan (each candidate planned and checked once)."""
-    candidates = select_candidates(survey.work, rule, survey.probe, survey.stages)
-    return plan_targets(survey.work, rule, survey.probe, candidates, impl=impl, init=init)
-
-
-def _checked_plan(rule: Rule, survey: _Survey, model_name: str, *, impl, init) -> PlanResult:
-    """:func:`_plan`, raising when a refusal stands or nothing was selected."""
-    result = _plan(rule, survey, impl=impl, init=init)
-    if result.refused:
-        raise refusal_error(result.refused, len(result.targets))
-    if not result.targets:
-        n_parc = sum(isinstance(m, ParC) for m in survey.work.modules())
-        extra = (
-            f" (the model looks already converted: it holds {n_parc} ParC layer(s); converting it again is "
-            "refused, convert the original model instead)"
-            if n_parc
-            else ""
-        )
-        raise _no_match(rule, survey, result.diagnostics, model_name, extra)
-    return result
+_as_hw = as_hw  # onnx_check (deploy16's file) still imports this name; it switches to inputs.resolve_input_size
 
 
 def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_size=None) -> Candidates:
@@ -226,24 +76,24 @@ def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_siz
     Never modifies ``model`` (it probes a deep copy). A rule that selects nothing is reported in the
     diagnostics here rather than raised.
     """
-    _check_model(model)
+    check_model(model)
     r = load_rule(rule) if rule is not None else None
     size = resolve_input_size(model, input_size, r)
-    work = _copy(model)
-    with _user_hooks_detached(work), _guard("probing the model", TraceError):
-        survey = _survey(work, size)
+    work = copy_model(model)
+    with user_hooks_detached(work), guard_phase("probing the model", TraceError):
+        survey = survey_model(work, size)
     name = get_model_name(model)
     selected, diags, refused = None, (), ()
     if r is not None:
-        with _guard("selecting the rule's targets", UnsupportedTargetError):
-            result = _plan(r, survey)
+        with guard_phase("selecting the rule's targets", UnsupportedTargetError):
+            result = plan_survey(r, survey)
             selected, diags = tuple(result.targets), tuple(result.diagnostics)
             refused = (*result.refused, *result.skipped)
     return Candidates(
         name,
         size,
         tuple(survey.stages),
-        tuple(_replaceable(survey.work)),
+        tuple(list_replaceable(survey.work)),
         survey.probe.attention,
         survey.traced,
         survey.trace_note,
@@ -293,18 +143,18 @@ def convert(
     Raises:
         RuleError, NoMatchError, UnsupportedTargetError, TraceError, ValidationError, ConfigError.
     """
-    _check_model(model)
-    if impl is not None and impl not in ("spatial", "fft", "auto"):
-        raise ConfigError(f"impl must be 'spatial', 'fft' or 'auto', got {impl!r}")
-    if init is not None and init not in ("warm_start", "reference"):
-        raise ConfigError(f"init must be 'warm_start' or 'reference', got {init!r}")
+    check_model(model)
+    if impl is not None and impl not in IMPLS:
+        raise ConfigError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    if init is not None and init not in INITS:
+        raise ConfigError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an int, got {seed!r}")
     r = load_rule(rule)
     size = resolve_input_size(model, input_size, r)
     name = model_name or get_model_name(model)
-    work = _copy(model)  # everything happens on this copy; the user's model is never run or touched
-    with _user_hooks_detached(work), _guard("converting the model", UnsupportedTargetError):
+    work = copy_model(model)  # everything happens on this copy; the user's model is never run or touched
+    with user_hooks_detached(work), guard_phase("converting the model", UnsupportedTargetError):
         conv = _convert(
             work,
             r,
@@ -323,10 +173,10 @@ def convert(
 
 
 def _convert(work, r, size, name, *, original, impl, init, seed, validate, count, strict) -> Conversion:
-    with _guard("probing the model", TraceError):
-        survey = _survey(work, size)
-    with _guard("planning the conversion", UnsupportedTargetError):
-        planned = _checked_plan(r, survey, name, impl=impl, init=init)
+    with guard_phase("probing the model", TraceError):
+        survey = survey_model(work, size)
+    with guard_phase("planning the conversion", UnsupportedTargetError):
+        planned = checked_plan(r, survey, name, impl=impl, init=init)
     targets, notes = planned.targets, list(planned.notes)
     if planned.skipped:
         notes.append(
@@ -346,7 +196,7 @@ def _convert(work, r, size, name, *, original, impl, init, seed, validate, count
     before, why_b = _macs(work, size) if count else (None, "")
 
     # modules that were fx leaves (timm's not-traceable modules) stay leaves once replaced
-    leaves = (*_timm_leaves()[0], *survey.leaf_types)
+    leaves = (*get_timm_leaves()[0], *survey.leaf_types)
     was_leaf = [t.name for t in targets if leaves and isinstance(work.get_submodule(t.name), tuple(leaves))]
 
     carry = apply_plan(work, targets, seed=seed)
@@ -356,10 +206,10 @@ def _convert(work, r, size, name, *, original, impl, init, seed, validate, count
     # one meta pass for both ParC formulations (spatial: the papers' count; fft: Fast-ParC)
     after_by_impl, why_a = _macs(work, size, fn=count_macs_impls) if count else (None, "")
     after, after_fft = (after_by_impl["spatial"], after_by_impl["fft"]) if after_by_impl else (None, None)
-    with _guard("checking that nothing of the input was lost", ValidationError):
+    with guard_phase("checking that nothing of the input was lost", ValidationError):
         checks: list[Check] = [check_preserved(original, work, targets, carry)]  # always on
     if validate:
-        with _guard("validating the converted model", ValidationError), module_state_kept(work):
+        with guard_phase("validating the converted model", ValidationError), module_state_kept(work):
             checks += validate_model(
                 work,
                 targets,

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from .attention_carry import Carried, Projection, find_projection, out_carry, param_derived, value_carry
+from .attention_checks import check_masks, check_outputs, describe_ref, inline_region, refusal
 from .attention_grid import find_token_grid
 from .attention_labels import Unreplayable
-from .attention_ops import Core, OpGraph, find_cores
-from .dataflow import METADATA_OPS, Dataflow, ModuleCall, Opaque, TRef
+from .attention_ops import OpGraph, find_cores
+from .dataflow import METADATA_OPS, Dataflow, ModuleCall, TRef
 from .errors import UnsupportedTargetError
 
 if TYPE_CHECKING:
@@ -85,10 +85,6 @@ class AttentionForm:
         return int(self.token_shape[0]) if self.layout == "tokens_first" else None
 
 
-def _refuse(name: str, type_name: str, why: str) -> UnsupportedTargetError:
-    return UnsupportedTargetError(f"{name} ({type_name}): {why}")
-
-
 def _layout(module: nn.Module, flow: Dataflow, ref: int, g: OpGraph, first: Projection | None) -> Layout | None:
     """The layout of the token tensor ``ref``; a 4-D one is (B, C, H, W) when the projection reading it is a conv
     or takes ``shape[1]`` features (after a flatten / permute), else (B, H, W, C)."""
@@ -137,12 +133,6 @@ def _channels(shape: tuple[int, ...], layout: Layout) -> int:
     return int(shape[1]) if layout == "nchw" else int(shape[-1])
 
 
-def _describe(flow: Dataflow, ref: int) -> str:
-    info = flow.tensors[ref]
-    op = flow.producer(ref)
-    return f"a {tuple(info.shape)} tensor" + (f" from {op.name} in {op.owner or 'the model'}" if op else "")
-
-
 def find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> AttentionForm:
     """The :class:`AttentionForm` of the attention module ``name`` detected by the probe; raises
     :class:`UnsupportedTargetError` naming the module, the form found and why it cannot be rewritten.
@@ -157,41 +147,41 @@ def _find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> At
     kind_name = f"{type(module).__module__}.{type(module).__qualname__}"
     rec = probe.calls.get(name)
     if rec is None or not rec.call_args:
-        raise _refuse(name, kind_name, "it never ran in the forward pass")
+        raise refusal(name, kind_name, "it never ran in the forward pass")
     call = rec.call_args[0]
     flow, (lo, hi) = probe.flow, call.ops
     g = OpGraph(flow, lo, hi)
     ins, outs = call.tensor_refs(), call.output_refs()
     if not ins or not outs:
-        raise _refuse(name, kind_name, "it does not take and return tensors")
+        raise refusal(name, kind_name, "it does not take and return tensors")
     x, y = ins[0], outs[0]
     cores = find_cores(flow, lo, hi)
     if not cores:
-        raise _refuse(name, kind_name, "softmax and matmuls run in its forward, but no softmax(Q Kᵀ) V dataflow")
+        raise refusal(name, kind_name, "softmax and matmuls run in its forward, but no softmax(Q Kᵀ) V dataflow")
     first_q, q_leaves = g.projections(cores[0].q)
     roots = {g.layout_root(p.token) for p in first_q} or q_leaves
     if len(roots) != 1:
-        raise _refuse(name, kind_name, f"its queries are computed from {len(roots)} different tensors")
+        raise refusal(name, kind_name, f"its queries are computed from {len(roots)} different tensors")
     t = roots.pop()
     core_outs = {c.out for c in cores}
     for c in cores:
         for what, ref in (("queries", c.q), ("keys", c.k), ("values", c.v)):
             leaves = g.leaves(ref, {t} | core_outs)
             if not leaves and g.tainted(t):
-                raise _refuse(
+                raise refusal(
                     name, kind_name, f"cross-attention: its {what} are computed from parameters alone (learned "
                     "queries / a memory), not from the token input; ParC mixes one token sequence with itself",
                 )  # fmt: skip
             other = leaves - {t} - core_outs
             if other:
-                raise _refuse(
+                raise refusal(
                     name,
                     kind_name,
-                    f"cross-attention: its {what} come from {_describe(flow, other.pop())}, not from "
+                    f"cross-attention: its {what} come from {describe_ref(flow, other.pop())}, not from "
                     f"the token input {tuple(flow.tensors[t].shape)} the queries are computed from; ParC mixes one "
                     "token sequence with itself",
                 )
-    notes = _check_masks(g, cores, t, x, name, kind_name)
+    notes = check_masks(g, cores, t, x, name, kind_name)
     derived = g.forward(core_outs)
     core_ops = {c.op for c in cores}
     before_cores = g.backward_ops([r for c in cores for r in (c.q, c.k, c.v, *c.masks)])
@@ -218,22 +208,22 @@ def _find_attention_form(module: nn.Module, probe: ProbeResult, name: str) -> At
     layout = _layout(module, flow, src, g, first_q[0] if first_q else None)
     if layout is None:
         shape = tuple(flow.tensors[src].shape)
-        raise _refuse(name, kind_name, f"its token input {shape} is not (B, N, C), (B, C, H, W) or (B, H, W, C)")
+        raise refusal(name, kind_name, f"its token input {shape} is not (B, N, C), (B, C, H, W) or (B, H, W, C)")
     dim = _channels(flow.tensors[src].shape, layout)
     if exact:
         merged, mdim = (proj.token, proj.channel_dim) if proj else (y, 1 if layout == "nchw" else -1)
         same_rank = len(flow.tensors[y].shape) == len(flow.tensors[x].shape)
         out_dim = _channels(flow.tensors[y].shape, layout) if same_rank else 0
-        notes += _check_outputs(call, y, name, kind_name)
+        notes += check_outputs(call, y, name, kind_name)
         if not call.args or call.args[0] != TRef(x):
-            raise _refuse(name, kind_name, "its token input is not its first positional argument")
+            raise refusal(name, kind_name, "its token input is not its first positional argument")
         region_ops = set(range(lo, hi))
     else:
         if proj is None:
-            raise _refuse(name, kind_name, "the attention is computed inline in its forward together with other "
+            raise refusal(name, kind_name, "the attention is computed inline in its forward together with other "
                           "computation, and no output projection follows it to rewrite up to")  # fmt: skip
         merged, mdim = proj.token, proj.channel_dim
-        region_ops = _inline_region(g, t, merged, name, kind_name)
+        region_ops = inline_region(g, t, merged, name, kind_name)
     attn_dim = int(flow.tensors[merged].shape[mdim])
     if not exact:
         out_dim = attn_dim
@@ -278,78 +268,6 @@ def _pname(flow: Dataflow, ref: int, prefix: str) -> str | None:
     return None
 
 
-def _check_masks(g: OpGraph, cores: list[Core], t: int, x: int, name: str, kind_name: str) -> tuple[str, ...]:
-    notes = []
-    for c in cores:
-        for m in c.masks:
-            if g.tainted(m):
-                if g.leaves(m, {t, x}) - {t, x} or _compares(g, m):
-                    why = f"its attention scores are masked by {_describe(g.flow, m)} computed from the model input"
-                    raise _refuse(name, kind_name, why + "; ParC mixes every token and has no notion of a mask")
-            elif not _from_parameters(g.flow, m):
-                notes.append(
-                    f"a mask computed from the architecture alone ({tuple(g.flow.tensors[m].shape)}, e.g. Swin's "
-                    "shifted-window mask) is ignored: ParC mixes the whole grid it is given"
-                )
-    return tuple(dict.fromkeys(notes))
-
-
-_COMPARISONS = frozenset({"lt", "gt", "le", "ge", "eq", "ne", "logical_not", "logical_and", "logical_or", "isinf",
-                          "isnan", "masked_fill", "where"})  # fmt: skip
-
-
-def _compares(g: OpGraph, ref: int) -> bool:
-    """Whether ``ref`` is computed (within the call) by comparing token values: a mask, not a learned score term."""
-    return any(g.flow.ops[i].name in _COMPARISONS for i in g.backward_ops([ref]))
-
-
-def _from_parameters(flow: Dataflow, ref: int) -> bool:
-    """Whether ``ref`` is computed from an ``nn.Parameter`` (a learned relative position bias), not only from
-    buffers and constants (a mask)."""
-    stack, seen = [ref], set()
-    while stack:
-        r = stack.pop()
-        if r in seen:
-            continue
-        seen.add(r)
-        info = flow.tensors[r]
-        if info.param is not None and not info.buffer:
-            return True
-        op = flow.producer(r)
-        if op is not None and op.name not in METADATA_OPS:  # ``x.new_zeros(...)`` reads only x's shape
-            stack.extend(i for i in op.inputs if not flow.tensors[i].tainted)
-    return False
-
-
-def _check_outputs(call: ModuleCall, y: int, name: str, kind_name: str) -> tuple[str, ...]:
-    leaves = pytree.tree_leaves(call.output)
-    odd = [v for v in leaves if not isinstance(v, TRef) and v is not None]
-    if odd:
-        what = ", ".join(v.type_name if isinstance(v, Opaque) else repr(v) for v in odd[:3])
-        raise _refuse(name, kind_name, f"it returns {what} besides its output; a ParC mixer cannot produce that. "
-                      "Exclude it")  # fmt: skip
-    extra = [v for v in leaves if isinstance(v, TRef) and v.ref != y]
-    if extra:
-        return (f"{len(extra)} further tensor output(s) (attention weights) are returned as None",)
-    return ()
-
-
-def _inline_region(g: OpGraph, t: int, merged: int, name: str, kind_name: str) -> set[int]:
-    """Ops between ``t`` and ``merged``; refused when something outside reads one of their results."""
-    desc_refs = g.forward([t])
-    region = {i for i in g.backward_ops([merged]) if any(r in desc_refs for r in g.flow.ops[i].outputs)}
-    made = {r for i in region for r in g.flow.ops[i].outputs}
-    for r in made - {merged}:
-        for op in g.users.get(r, ()):
-            in_place = op.func._schema.is_mutable and set(op.outputs) <= made  # writes a region tensor (``add_``)
-            if op.index not in region and op.name not in METADATA_OPS and not in_place:
-                raise _refuse(name, kind_name, f"the inline attention's intermediate {_describe(g.flow, r)} is also "
-                              f"read by {op.name} in {op.owner or 'the model'} (a projection shared with other "
-                              "computation, or attention weights used elsewhere); only a self-contained attention "
-                              "can be rewritten")  # fmt: skip
-    return region
-
-
 def _value_carry(g: OpGraph, cores, t, dim, merged, mdim, prefix) -> tuple[Carried | None, str]:
     projs = []
     for c in cores:
@@ -388,7 +306,7 @@ def form_of_module(module: nn.Module, ctx) -> AttentionForm:
     if shape is None:
         lin = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
         if lin is None:
-            raise _refuse("the module", type(module).__qualname__, "no input shape recorded and no nn.Linear to guess")
+            raise refusal("the module", type(module).__qualname__, "no input shape recorded and no nn.Linear to guess")
         h, w = ctx.feature_size
         shape = (1, int(ctx.options.get("num_prefix_tokens", ctx.num_prefix_tokens) or 0) + h * w, lin.in_features)
     first = next(iter(module.parameters()), None)
@@ -397,7 +315,7 @@ def form_of_module(module: nn.Module, ctx) -> AttentionForm:
         x = x.to(first.dtype)
     probe = probe_model(_Holder(module), x)
     if "m" not in probe.attention:
-        raise _refuse("the module", type(module).__qualname__, "no attention token mixer runs in its forward")
+        raise refusal("the module", type(module).__qualname__, "no attention token mixer runs in its forward")
     return find_attention_form(module, probe, "m")
 
 

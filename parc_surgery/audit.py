@@ -11,7 +11,8 @@ from torch import nn
 
 from .errors import ParcSurgeryError
 from .flops import count_macs, count_params
-from .probe import _first_tensor, example_input
+from .helpers import first_tensor
+from .inputs import example_input
 from .report import Check, Report
 from .sources import create_model, source_from_manifest
 from .validate import second_size
@@ -22,7 +23,7 @@ __all__ = ["audit_saved"]
 def _runs(model: nn.Module, size: tuple[int, int]) -> tuple[torch.Tensor | None, str]:
     try:
         with torch.no_grad():
-            return _first_tensor(model(example_input(model, size))), ""
+            return first_tensor(model(example_input(model, size))), ""
     except Exception as e:
         return None, f"{type(e).__name__}: {e}"
 

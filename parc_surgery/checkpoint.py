@@ -40,6 +40,7 @@ from .manifest import (
 )
 from .rebuild import class_hint, has_unsaved_buffers, layout_problems, materialise, meta_copy, rebuild
 from .sources import source_from_manifest
+from .vocab import IMPLS
 
 __all__ = [
     "HISTORY_ATTR",
@@ -293,7 +294,7 @@ def load_conversion(
     _load_state(built, state, where, class_hint(manifest, model))
     impls = manifest.get("parc_impl", {})
     for name, mod in built.named_modules():
-        if isinstance(mod, ParC) and impls.get(name) in ("spatial", "fft", "auto"):
+        if isinstance(mod, ParC) and impls.get(name) in IMPLS:
             mod.impl = impls[name]
     built.eval()
     source = source_from_manifest(manifest["model"]).to_manifest()

@@ -41,6 +41,7 @@ from .errors import ConfigError, NoMatchError, ParcSurgeryError, ValidationError
 from .healing.cli_options import check_heal_options, heal_options, run_heal
 from .render import Ui
 from .sources import list_source_forms
+from .vocab import IMPLS, INITS
 
 __all__ = ["cli", "main"]
 
@@ -173,8 +174,8 @@ def _with_check(report, check):
     "--pretrained", is_flag=True, help="timm / torchvision: create the model with pretrained weights (downloads)."
 )
 @click.option("--input-size", metavar="H [W]", help="Input size to plan at: H W, HxW or one number (square).")
-@click.option("--impl", type=click.Choice(["auto", "spatial", "fft"]), help="Override every target's ParC impl.")
-@click.option("--init", type=click.Choice(["warm_start", "reference"]), help="Override every target's init.")
+@click.option("--impl", type=click.Choice(IMPLS), help="Override every target's ParC impl.")
+@click.option("--init", type=click.Choice(INITS), help="Override every target's init.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for newly initialised weights.")
 @click.option("--output", "-o", metavar="PATH.safetensors", help="Save the converted model (weights + manifest).")
 @click.option("--report", "report_path", metavar="PATH.json|PATH.md", help="Write the audit report.")

@@ -38,22 +38,22 @@ instead of silently counting 0.
 from __future__ import annotations
 
 import contextlib
-import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ConfigError, NoMatchError, TraceError
+from .flop_formulas import FORMULAS, OpRecorder, fft_flops, is_compute_op
+from .helpers import as_hw, did_you_mean, is_positive_int
 from .inputs import get_in_chans
-from .ops.functional import IMPLS, unfolded_pe
-from .ops.parc import ParC
-from .train_flags import get_train_flags, set_train_flags
+from .ops.functional import unfolded_pe
+from .ops.parc import ParC, use_impl
+from .train_flags import eval_mode
+from .vocab import IMPLS, KERNEL_IMPLS
 
 __all__ = [
     "MacCount",
@@ -95,10 +95,8 @@ class MacCount:
         try:
             return self.per_module[name]
         except KeyError:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(self.per_module), n=3)
-            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(name, self.per_module, n=3, cutoff=0.6)
+            hint = f" {hint}" if hint else ""
             raise NoMatchError(
                 f"macs_of: no module named {name!r} in the counted model.{hint} "
                 "Names are those of model.named_modules(); '' is the whole model."
@@ -114,213 +112,6 @@ def count_params(module: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
-
-
-# ---------------------------------------------------------------------------------------------
-# formulas (FLOPs). Shape formulas get tensor shapes (torch's shape_wrapper); ``_raw`` ones get the
-# tensors themselves (they need dtypes) and are marked with ``_get_raw`` for FlopCounterMode.
-
-
-def _raw(fn):
-    fn._get_raw = True
-    return fn
-
-
-def fft_flops(shape: tuple[int, ...] | torch.Size, dims: tuple[int, ...] | list[int], *, real: bool) -> int:
-    """FLOPs of FFTs over ``dims`` of a signal of ``shape``: ``c * N * log2(N) * batch``, ``c`` 2.5 real / 5 complex.
-
-    ``shape`` is the shape of the real signal for a real FFT (input of ``rfft``, output of ``irfft``).
-    """
-    shape = tuple(int(s) for s in shape)
-    nd = len(shape)
-    dims = sorted({d % nd for d in dims}) if nd else []
-    n = math.prod(shape[d] for d in dims)
-    if n <= 1:
-        return 0
-    transforms = math.prod(shape) // n
-    c = 2.5 if real else 5.0
-    return round(c * n * math.log2(n) * transforms)
-
-
-def _fft_r2c_flop(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
-    return fft_flops(x_shape, dim, real=True)
-
-
-def _fft_c2r_flop(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
-    return fft_flops(out_shape, dim, real=True)
-
-
-def _fft_c2c_flop(x_shape, dim, *args, out_shape=None, **kwargs) -> int:
-    return fft_flops(x_shape, dim, real=False)
-
-
-def _sdpa_flops(q_shape, k_shape, v_shape) -> int:
-    # q (..., H, L, E), k (..., Hkv, S, E), v (..., Hkv, S, Ev); GQA: kv heads broadcast to H
-    *lead, l_q, e = q_shape
-    s, ev = k_shape[-2], v_shape[-1]
-    bh = math.prod(lead)
-    return 2 * bh * l_q * s * e + 2 * bh * l_q * s * ev
-
-
-def _sdpa_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-    return _sdpa_flops(q_shape, k_shape, v_shape)
-
-
-def _native_mha_flop(q_shape, k_shape, v_shape, embed_dim, num_head, *args, out_shape=None, **kwargs) -> int:
-    # batch-first (B, L, E) query, (B, S, E) key/value; heads of E / num_head
-    b, l_q, e = q_shape
-    s = k_shape[1]
-    proj = 2 * b * e * e * (l_q + 2 * s) + 2 * b * l_q * e * e
-    return proj + 4 * b * l_q * s * e
-
-
-def _mv_flop(a_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
-    m, n = a_shape
-    return 2 * m * n
-
-
-def _addmv_flop(self_shape, a_shape, x_shape, *args, out_shape=None, **kwargs) -> int:
-    return _mv_flop(a_shape, x_shape)
-
-
-def _dot_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    return 2 * math.prod(a_shape)
-
-
-def _addbmm_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    b, m, k = a_shape
-    return 2 * b * m * k * b_shape[-1]
-
-
-def _is_complex(x: Any) -> bool:
-    if isinstance(x, torch.Tensor):
-        return x.is_complex()
-    return isinstance(x, complex)
-
-
-def _complex_factor(a: Any, b: Any) -> int:
-    """Real FLOPs per real-counted FLOP: 4 for complex x complex, 2 for complex x real, 1 for real."""
-    ca, cb = _is_complex(a), _is_complex(b)
-    return 4 if ca and cb else 2 if ca or cb else 1
-
-
-@_raw
-def _complex_mul_flop(a, b, *args, out_val=None, **kwargs) -> int:
-    # NB: real elementwise products are not counted (torch's convention); complex ones are real work
-    if not isinstance(out_val, torch.Tensor) or not out_val.is_complex():
-        return 0
-    per_element = 6 if _is_complex(a) and _is_complex(b) else 2
-    return per_element * out_val.numel()
-
-
-def _shape(x: torch.Tensor) -> tuple[int, ...]:
-    return tuple(x.shape)
-
-
-@_raw
-def _mm_flop(a, b, *args, out_val=None, **kwargs) -> int:
-    m, k = _shape(a)
-    return 2 * m * k * _shape(b)[1] * _complex_factor(a, b)
-
-
-@_raw
-def _addmm_flop(bias, a, b, *args, out_val=None, **kwargs) -> int:
-    return _mm_flop(a, b)
-
-
-@_raw
-def _bmm_flop(a, b, *args, out_val=None, **kwargs) -> int:
-    bs, m, k = _shape(a)
-    return 2 * bs * m * k * _shape(b)[2] * _complex_factor(a, b)
-
-
-@_raw
-def _baddbmm_flop(bias, a, b, *args, out_val=None, **kwargs) -> int:
-    return _bmm_flop(a, b)
-
-
-def _formulas() -> dict[Any, Any]:
-    table: dict[Any, Any] = {
-        aten._fft_r2c: _fft_r2c_flop,
-        aten._fft_c2r: _fft_c2r_flop,
-        aten._fft_c2c: _fft_c2c_flop,
-        aten.mul: _complex_mul_flop,
-        aten.mul_: _complex_mul_flop,
-        aten.mm: _mm_flop,
-        aten.addmm: _addmm_flop,
-        aten.bmm: _bmm_flop,
-        aten.baddbmm: _baddbmm_flop,
-        aten.mv: _mv_flop,
-        aten.addmv: _addmv_flop,
-        aten.dot: _dot_flop,
-        aten.vdot: _dot_flop,
-        aten.addbmm: _addbmm_flop,
-    }
-    for name in (
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_fused_attention_overrideable",
-        "_scaled_dot_product_attention_math_for_mps",
-    ):
-        if hasattr(aten, name):
-            table[getattr(aten, name)] = _sdpa_flop
-    if hasattr(aten, "_native_multi_head_attention"):
-        table[aten._native_multi_head_attention] = _native_mha_flop
-    return table
-
-
-_FORMULAS = _formulas()
-
-# ---------------------------------------------------------------------------------------------
-# which executed ops look like real work
-
-_COMPUTE_TOKENS = frozenset(
-    ("mm", "bmm", "addmm", "baddbmm", "addbmm", "matmul", "mv", "addmv", "dot", "vdot", "inner", "outer", "ger",
-     "addr", "einsum", "tensordot", "kron", "linear", "bilinear", "cdist", "fft", "ifft", "rfft", "irfft", "hfft",
-     "ihfft", "r2c", "c2r", "c2c", "stft", "istft", "attention", "attn", "sdpa", "linalg", "cholesky", "inverse",
-     "svd", "qr", "lu", "solve", "eig", "eigh", "eigvals", "lstsq", "pinv", "det", "slogdet", "triangular", "lstm",
-     "gru", "rnn")
-)  # fmt: skip
-_NOT_COMPUTE_TOKENS = frozenset(("check", "checks", "errors", "shape", "size", "stride"))  # bookkeeping ops
-_COMPUTE_PREFIXES = ("conv", "fft", "matmul", "linalg", "attention", "cholesky", "svd")
-
-
-def is_compute_op(name: str) -> bool:
-    """Whether an op name (``"aten.bmm"``, ``"mylib::fused_conv"``) looks like matmul/conv/FFT/attention work."""
-    tokens = [t for t in re.split(r"[.:]+", name)[-1].lower().split("_") if t]
-    if any(t in _NOT_COMPUTE_TOKENS for t in tokens):
-        return False
-    return any(
-        t in _COMPUTE_TOKENS or (t.startswith(_COMPUTE_PREFIXES) and not t.startswith("convert")) for t in tokens
-    )
-
-
-class _OpRecorder(TorchDispatchMode):
-    """Counts calls per op; entered *below* FlopCounterMode it sees the ops that actually execute."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: dict[Any, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        packet = func._overloadpacket
-        self.calls[packet] = self.calls.get(packet, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def _as_size(input_size: tuple[int, int] | int) -> tuple[int, int]:
-    def ok(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-    if ok(input_size):
-        return (input_size, input_size)
-    if isinstance(input_size, (tuple, list)) and len(input_size) == 2 and all(ok(v) for v in input_size):
-        return (int(input_size[0]), int(input_size[1]))
-    raise ConfigError(
-        f"count_macs: input_size must be a positive int or an (H, W) pair of positive ints, got {input_size!r}"
-    )
 
 
 def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -378,17 +169,8 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 @contextlib.contextmanager
 def _counting_state(model: nn.Module, parc_impl: str | None) -> Iterator[None]:
     """Eval mode and (optionally) one ParC implementation for the count; everything restored afterwards."""
-    flags = get_train_flags(model)
-    impls = [(m, m.impl) for m in model.modules() if isinstance(m, ParC)] if parc_impl is not None else []
-    try:
-        model.eval()
-        for m, _ in impls:
-            m.impl = parc_impl
+    with eval_mode(model), use_impl(model, parc_impl):
         yield
-    finally:
-        set_train_flags(flags)
-        for m, impl in impls:
-            m.impl = impl
 
 
 def count_macs(
@@ -415,10 +197,10 @@ def count_macs(
             module object once, so shared modules and tied weights work), and put back afterwards
             (the model itself is not moved). Any other device than the model's works the same way, with copies.
     """
-    size = _as_size(input_size)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    size = as_hw(input_size, "count_macs: input_size")
+    if not is_positive_int(batch):
         raise ConfigError(f"count_macs: batch must be a positive int, got {batch!r}")
-    if in_chans is not None and (isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1):
+    if in_chans is not None and not is_positive_int(in_chans):
         raise ConfigError(f"count_macs: in_chans must be a positive int or None, got {in_chans!r}")
     if parc_impl is not None and parc_impl not in IMPLS:
         raise ConfigError(f"count_macs: parc_impl must be one of {IMPLS} or None, got {parc_impl!r}")
@@ -437,8 +219,8 @@ def count_macs(
         x = torch.randn(shape, generator=gen, dtype=dtype).to(target)
 
     swaps = _device_swaps(model, target)
-    recorder = _OpRecorder()
-    counter = FlopCounterMode(display=False, custom_mapping=_FORMULAS)
+    recorder = OpRecorder()
+    counter = FlopCounterMode(display=False, custom_mapping=FORMULAS)
     with _counting_state(model, parc_impl):
         try:
             with recorder, counter, torch.no_grad(), _swapped(swaps), unfolded_pe():
@@ -485,7 +267,7 @@ def count_macs(
 def count_macs_impls(
     model: nn.Module,
     input_size: tuple[int, int] | int,
-    impls: tuple[str, ...] = ("spatial", "fft"),
+    impls: tuple[str, ...] = KERNEL_IMPLS,
     *,
     batch: int = 1,
     in_chans: int | None = None,

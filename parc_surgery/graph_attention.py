@@ -29,7 +29,7 @@ import torch.fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .blocks._carry import CarryBuilder, CarryRecord
+from .carry import CarryBuilder, CarryRecord
 from .dataflow import TRef
 from .errors import UnsupportedTargetError
 from .module_state import trace_side_effects_undone

@@ -1,4 +1,4 @@
-"""What input a model takes: its input channels, inferred once for every part of parc-surgery.
+"""What input a model takes: its input size and channels, inferred once for every part of parc-surgery.
 
 The probe, the MAC counter, validation, the CLI audit of a saved model and the ONNX check all build their
 example inputs from :func:`get_in_chans`, so they agree on every model. The weights are read first (a timm
@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .errors import ConfigError
+from .helpers import as_hw, is_positive_int
 from .module_state import trace_side_effects_undone
 from .ops.parc import ParC
 from .train_flags import eval_mode
 
-__all__ = ["get_in_chans"]
+if TYPE_CHECKING:
+    from .rule import Rule
+
+__all__ = ["example_input", "get_in_chans", "resolve_input_size"]
 
 
 def _channels_in(module: nn.Module) -> int | None:
@@ -52,7 +57,7 @@ def _candidates(model: nn.Module) -> list[int]:
             found.append(_channels_in(model.get_submodule(first)))
     found.append(next((c for c in map(_channels_in, model.modules()) if c is not None), None))
     attr = getattr(model, "in_chans", None)
-    if isinstance(attr, int) and not isinstance(attr, bool) and attr > 0:
+    if is_positive_int(attr):
         found.append(attr)
     size = cfg.get("input_size")
     if isinstance(size, (list, tuple)) and len(size) == 3:
@@ -110,3 +115,30 @@ def get_in_chans(model: nn.Module, *, default: int | None = None, input_size: tu
         f"cannot infer the input channels of {type(model).__name__} (no convolution, no in_chans attribute, no timm "
         "pretrained_cfg['input_size']); pass in_chans=..."
     )
+
+
+def resolve_input_size(model: nn.Module, input_size=None, rule: Rule | None = None) -> tuple[int, int]:
+    """The input size to plan at: given, else the rule's, else timm's ``pretrained_cfg``."""
+    if input_size is not None:
+        return as_hw(input_size, "input_size")
+    if rule is not None and rule.input_size is not None:
+        return as_hw(rule.input_size, "rule input_size")
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return as_hw(tuple(cfg["input_size"])[-2:], "pretrained_cfg input_size")
+    raise ConfigError(
+        f"input_size is needed for a {type(model).__name__} (it has no timm pretrained_cfg): "
+        "pass input_size=(H, W) (CLI: --input-size H W)"
+    )
+
+
+def example_input(model: nn.Module, input_size: tuple[int, int], *, batch: int = 1, in_chans: int | None = None):
+    """A random input for ``model`` at ``input_size`` on the model's device and floating dtype."""
+    p = next(iter(model.parameters()), None)
+    device = p.device if p is not None else torch.device("cpu")
+    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+    if in_chans is None:
+        in_chans = get_in_chans(model, default=3, input_size=input_size)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, in_chans, *input_size, generator=g, dtype=torch.float32)
+    return x.to(device=device, dtype=dtype)

@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .sources import get_source, source_from_manifest, source_of_model
+from .version import __version__
 
 __all__ = [
     "HISTORY_ATTR",
@@ -111,8 +112,6 @@ def tensor_layout(tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.dty
 def _versions() -> dict[str, str]:
     import safetensors
     import timm
-
-    from . import __version__
 
     return {"parc_surgery": __version__, "torch": torch.__version__, "timm": timm.__version__,
             "safetensors": getattr(safetensors, "__version__", "?")}  # fmt: skip

@@ -27,14 +27,18 @@ from torch import nn
 
 from .dataflow import Dataflow, DataflowRecorder, ModuleCall
 from .errors import TraceError
-from .inputs import get_in_chans
+from .helpers import first_tensor
+from .inputs import example_input, get_in_chans  # noqa: F401  (example_input: also imported from here)
 from .module_state import trace_side_effects_undone
 from .train_flags import eval_mode
+
+_first_tensor = first_tensor  # onnx_check (deploy16's file) imports this name until it uses helpers.first_tensor
 
 __all__ = [
     "CallRecord",
     "ProbeResult",
     "example_input",
+    "get_timm_leaves",
     "probe_model",
     "trace_model",
 ]
@@ -91,22 +95,6 @@ class ProbeResult:
         return rec is not None and rec.calls > 0
 
 
-def _first_tensor(obj) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (list, tuple)):
-        for o in obj:
-            t = _first_tensor(o)
-            if t is not None:
-                return t
-    if isinstance(obj, dict):
-        for o in obj.values():
-            t = _first_tensor(o)
-            if t is not None:
-                return t
-    return None
-
-
 def _attention_owners(flow: Dataflow) -> list[str]:
     ops: dict[str, list[str]] = {}
     for op in flow.ops:
@@ -126,18 +114,6 @@ def _attention_owners(flow: Dataflow) -> list[str]:
                     found.append(owner)
                     break
     return found
-
-
-def example_input(model: nn.Module, input_size: tuple[int, int], *, batch: int = 1, in_chans: int | None = None):
-    """A random input for ``model`` at ``input_size`` on the model's device and floating dtype."""
-    p = next(iter(model.parameters()), None)
-    device = p.device if p is not None else torch.device("cpu")
-    dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    if in_chans is None:
-        in_chans = get_in_chans(model, default=3, input_size=input_size)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, in_chans, *input_size, generator=g, dtype=torch.float32)
-    return x.to(device=device, dtype=dtype)
 
 
 def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
@@ -168,7 +144,7 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
             if rec is None:
                 rec = calls[name] = CallRecord(name, type(mod).__name__, counter[0])
                 counter[0] += 1
-            t = _first_tensor(args) if args else _first_tensor(kwargs or {})
+            t = first_tensor(args) if args else first_tensor(kwargs or {})
             rec.in_shapes.append(tuple(t.shape) if t is not None else None)
             pending.setdefault(name, []).append((recorder.to_refs((args, kwargs or {})), len(recorder.flow.ops)))
 
@@ -178,7 +154,7 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
         def hook(mod, args, out):
             if stack and stack[-1] == name:
                 stack.pop()
-            t = _first_tensor(out)
+            t = first_tensor(out)
             rec = calls[name]
             rec.out_shapes.append(tuple(t.shape) if t is not None else None)
             rec.out_tensor.append(isinstance(out, torch.Tensor))
@@ -214,7 +190,7 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
         for h in handles:
             h.remove()
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    t = _first_tensor(out)
+    t = first_tensor(out)
     owners = _attention_owners(recorder.flow)
     attention = tuple(n for n in owners if _keeps_layout(calls[n]))
     other = tuple(n for n in owners if n not in attention)
@@ -258,7 +234,8 @@ def _keeps_layout(rec: CallRecord) -> bool:
     return True
 
 
-def _timm_leaves() -> tuple[list[type], list]:
+def get_timm_leaves() -> tuple[list[type], list]:
+    """timm's not-traceable modules and functions (fx leaves in every trace of a timm model)."""
     try:
         from timm.layers import _fx as timm_fx
 
@@ -290,7 +267,7 @@ def trace_model(model: nn.Module, leaf_types: Iterable[type] = ()) -> tuple[torc
 
     Returns ``(graph_module, "")`` or ``(None, reason)`` when the model does not trace.
     """
-    leaves, fns = _timm_leaves()
+    leaves, fns = get_timm_leaves()
     leaf_set = tuple({*leaves, *leaf_types})
 
     class _Tracer(torch.fx.Tracer):

@@ -22,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import difflib
 import functools
 import os
 from collections.abc import Mapping
@@ -35,6 +34,7 @@ import yaml
 
 from ._yaml import MAX_BYTES, Path, decode_rule_bytes, load_yaml
 from .errors import RuleError
+from .helpers import did_you_mean
 from .rule_check import (
     RULE_VERSION,
     SELECTOR_KEYS,
@@ -49,6 +49,7 @@ from .rule_check import (
     check_target,
     check_version,
 )
+from .vocab import Impl, Init, PeMode
 
 __all__ = [
     "RULE_VERSION",
@@ -128,9 +129,9 @@ class TargetOptions:
     """
 
     kernel_size: Literal["auto"] | tuple[int, int] = "auto"
-    pe: Literal["all", "first", "none"] = "all"
-    impl: Literal["auto", "spatial", "fft"] = "auto"
-    init: Literal["warm_start", "reference"] = "warm_start"
+    pe: PeMode = "all"
+    impl: Impl = "auto"
+    init: Init = "warm_start"
     width_mult: float | None = None
     block_options: tuple[tuple[str, Any], ...] = ()
 
@@ -325,8 +326,8 @@ def get_rule_text(name: str) -> str:
 
 
 def _close_hint(word: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(word, names, n=1, cutoff=0.5)
-    return f" Did you mean {close[0]!r}?" if close else ""
+    hint = did_you_mean(word, names)
+    return f" {hint}" if hint else ""
 
 
 def _listing(names: list[str]) -> str:

@@ -18,7 +18,6 @@ error with the file, the line and the full field path, in the rule file's own ke
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import re
 import reprlib
@@ -28,7 +27,9 @@ from typing import Any
 
 from ._yaml import Path, format_path
 from .errors import RuleError
+from .helpers import close_matches, did_you_mean
 from .types import validate_type_name
+from .vocab import IMPLS, INITS, PE_MODES
 
 __all__ = [
     "RULE_VERSION",
@@ -47,9 +48,6 @@ __all__ = [
 RULE_VERSION = 1
 MAX_SIZE = 16384  # largest input size / kernel length accepted
 MAX_STAGE_INDEX = 10_000
-PE_CHOICES = ("all", "first", "none")
-IMPL_CHOICES = ("auto", "spatial", "fft")
-INIT_CHOICES = ("warm_start", "reference")
 # the rule file's key for a dataclass field, where the two differ
 SELECTOR_KEYS = {"types": "type", "names": "name"}
 STAGE_SPEC_KEYS = {"stages": "stage"}
@@ -131,7 +129,7 @@ class FieldReader:
             if not isinstance(key, str):
                 raise self.error(path, f"keys must be strings, found key {key!r}")
             if key not in keys:
-                close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+                close = close_matches(key, keys)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 shown = _repr.repr(key)
                 raise self.error((*path, key), f"unknown key {shown} ({hint}valid keys: {', '.join(keys)})")
@@ -160,8 +158,7 @@ class FieldReader:
     def choice(self, value: Any, path: Path, choices: tuple[str, ...]) -> str:
         if isinstance(value, str) and value in choices:
             return value
-        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5) if isinstance(value, str) else []
-        hint = f"Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(value, choices)
         raise self.error(path, f"expected one of {', '.join(choices)}", value, hint)
 
     def items(self, value: Any, path: Path, what: str, *, optional: bool = False) -> list[tuple[Path, Any]]:
@@ -329,9 +326,9 @@ def check_options(opts: Any) -> None:
     _set(
         opts,
         kernel_size=kernel,
-        pe=r.choice(opts.pe, ("pe",), PE_CHOICES),
-        impl=r.choice(opts.impl, ("impl",), IMPL_CHOICES),
-        init=r.choice(opts.init, ("init",), INIT_CHOICES),
+        pe=r.choice(opts.pe, ("pe",), PE_MODES),
+        impl=r.choice(opts.impl, ("impl",), IMPLS),
+        init=r.choice(opts.init, ("init",), INITS),
         width_mult=width_mult,
         block_options=block_options,
     )
@@ -343,8 +340,8 @@ def check_block(r: FieldReader, block: Any, path: Path = ("block",)) -> str:
 
     blocks = list_blocks()
     if not isinstance(block, str) or block not in blocks:
-        close = difflib.get_close_matches(str(block), blocks, n=1, cutoff=0.5) if isinstance(block, str) else []
-        hint = f"Did you mean {close[0]!r}? " if close else ""
+        hint = did_you_mean(block, blocks)
+        hint = f"{hint} " if hint else ""
         known = ", ".join(blocks) if blocks else "none are registered"
         raise r.error(path, "not a registered block", block, f"{hint}Registered blocks: {known} (list_blocks())")
     return block

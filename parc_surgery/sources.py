@@ -23,7 +23,6 @@ turns a builder recorded in a file into a source that refuses to build, so a fil
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 import json
 import os
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, ParcSurgeryError
+from .helpers import close_matches
 from .transformers_source import build_transformers, get_transformers_class, read_transformers_dir
 
 __all__ = [
@@ -141,7 +141,7 @@ def _usage(text: str, problem: str) -> ConfigError:
 
 
 def _close(name: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    close = close_matches(name, names, n=5, cutoff=0.6)
     return f"; did you mean: {', '.join(close)}?" if close else ""
 
 

@@ -11,13 +11,13 @@ never refer to ``os.system`` or ``builtins.eval``.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import re
 import sys
 
 from torch import nn
 
 from .errors import ConfigError, RuleError
+from .helpers import did_you_mean
 
 __all__ = [
     "ALLOWED_PACKAGES",
@@ -151,8 +151,8 @@ def known_type_names(*, refresh: bool = False) -> dict[str, dict[str, type]]:
 
 
 def _close(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.75)
-    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(word, choices, n=3, cutoff=0.75)
+    return f" {hint}" if hint else ""
 
 
 def validate_type_name(name: str) -> None:

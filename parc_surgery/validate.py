@@ -34,11 +34,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .helpers import first_tensor
 from .ops import ParC
 from .ops.parc import use_impl
 from .outputs import output_structure, tensor_leaves
 from .plan import PlannedTarget
-from .probe import _first_tensor, trace_model
+from .probe import trace_model
 from .report import Check
 from .train_flags import eval_mode
 
@@ -156,8 +157,8 @@ def validate_model(
         mod = new.get_submodule(t.name)
 
         def hook(m, args, out, _name=t.name):
-            a = _first_tensor(args)
-            o = _first_tensor(out)
+            a = first_tensor(args)
+            o = first_tensor(out)
             seen.setdefault(_name, []).append(
                 (tuple(a.shape) if a is not None else None, tuple(o.shape) if o is not None else None)
             )

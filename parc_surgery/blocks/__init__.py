@@ -1,5 +1,6 @@
 """Replacement blocks and their registry. Importing this package registers the bundled blocks."""
 
+from ..carry import CarryBuilder, CarryRecord
 from . import (  # noqa: F401  (registers)
     attention_mixer,
     bottleneck,
@@ -9,7 +10,6 @@ from . import (  # noqa: F401  (registers)
     metaformer,
     parcnet,
 )
-from ._carry import CarryBuilder, CarryRecord
 from ._registry import (
     BlockContext,
     BlockSpec,

@@ -22,9 +22,7 @@ from torch import nn
 
 from .parc_split import ParCSplit
 
-__all__ = ["INITS", "conv_origin", "dotted_name", "fold_conv_weight", "fold_taps", "keeps_size", "split_from_conv"]
-
-INITS = ("warm_start", "reference")
+__all__ = ["conv_origin", "dotted_name", "fold_conv_weight", "fold_taps", "keeps_size", "split_from_conv"]
 
 
 def dotted_name(cls: type) -> str:

@@ -33,11 +33,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
 from ..errors import ConfigError, NoMatchError
+from ..helpers import did_you_mean
+from ..vocab import Impl, Init
 
 if TYPE_CHECKING:
     from ..residual import ResidualForm
@@ -88,8 +90,8 @@ class BlockContext:
     feature_size: tuple[int, int]
     kernel_size: tuple[int, int] | None = None
     pe: bool = True
-    impl: Literal["spatial", "fft", "auto"] = "auto"
-    init: Literal["warm_start", "reference"] = "warm_start"
+    impl: Impl = "auto"
+    init: Init = "warm_start"
     width_mult: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
     source_in_shape: Shape | None = None
@@ -207,10 +209,8 @@ def get_block_spec(name: str) -> BlockSpec:
     try:
         return _BLOCKS[name]
     except KeyError:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), list(_BLOCKS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(str(name), _BLOCKS, cutoff=0.6)
+        hint = f" {hint}" if hint else ""
         raise NoMatchError(
             f"no block named {name!r}.{hint} Registered blocks: {', '.join(sorted(_BLOCKS))} "
             f"(parc_surgery.list_blocks())."

@@ -30,9 +30,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..attention_carry import Carried, gather
+from ..carry import CarryBuilder, CarryRecord
 from ..dataflow import TRef
 from ..errors import ConfigError, UnsupportedTargetError
-from ._carry import CarryBuilder, CarryRecord
 from ._registry import BlockContext, ReplacementBlock, register_block
 from .token_mixer import ParCTokenMixerBase, attach_grid
 

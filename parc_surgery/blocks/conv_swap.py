@@ -24,9 +24,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..carry import CarryBuilder, CarryRecord
 from ..errors import ConfigError, UnsupportedTargetError
-from ._carry import CarryBuilder, CarryRecord
-from ._fold import INITS, dotted_name, keeps_size, split_from_conv
+from ..helpers import to_hw
+from ..vocab import INITS
+from ._fold import dotted_name, keeps_size, split_from_conv
 from ._registry import BlockContext, ReplacementBlock
 from .parc_split import ParCSplit
 
@@ -36,11 +38,7 @@ __all__ = ["ParCConvBlock", "conv_problem", "swap_conv"]
 def _check_context(name: str, kernel_hw, init: str) -> None:
     if init not in INITS:
         raise ConfigError(f"{name}: init must be one of {INITS}, got {init!r}")
-    if (
-        not isinstance(kernel_hw, (tuple, list))
-        or len(kernel_hw) != 2
-        or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in kernel_hw)
-    ):
+    if to_hw(kernel_hw, pair_only=True) is None:
         raise ConfigError(f"{name}: kernel_hw must be two positive ints (K_h, K_w), got {kernel_hw!r}")
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..ops import ParC
-from ..ops.functional import Impl
+from ..vocab import Impl
 
 __all__ = ["ParCSplit"]
 

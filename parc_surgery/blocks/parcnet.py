@@ -14,10 +14,11 @@ from timm.layers import ConvNormAct, make_divisible
 from timm.models.mobilevit import MobileVitBlock
 from torch import nn
 
+from ..carry import CarryBuilder, CarryRecord
 from ..errors import UnsupportedTargetError
-from ._carry import CarryBuilder, CarryRecord
+from ..helpers import as_kernel_hw
 from ._registry import BlockContext, ReplacementBlock, register_block
-from .metaformer import ParCMetaFormerBlock, _kernel_pair, init_conv_fan_out
+from .metaformer import ParCMetaFormerBlock, init_conv_fan_out
 
 __all__ = ["ParCNetBlock"]
 
@@ -69,7 +70,7 @@ class ParCNetBlock(ReplacementBlock):
     ):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
-        kernel_hw = _kernel_pair(kernel_hw, type(self).__name__)
+        kernel_hw = as_kernel_hw(kernel_hw, type(self).__name__)
         cna = {"norm_layer": nn.BatchNorm2d, "act_layer": nn.SiLU, **dd}
         self.conv_kxk = ConvNormAct(in_chs, dim, kernel_size, groups=math.gcd(dim, in_chs), **cna)
         self.conv_1x1 = nn.Conv2d(dim, dim, 1, bias=False, **dd)
@@ -116,7 +117,7 @@ class ParCNetBlock(ReplacementBlock):
                 f"parcnet: global width {dim} (transformer width {d} x width_mult {_width_mult(ctx):g}) is too "
                 f"small for the ParC-MetaFormer channel attention (needs >= 16); raise width_mult"
             )
-        _kernel_pair(_kernel(src, ctx), "parcnet (BlockContext.kernel_size)")
+        as_kernel_hw(_kernel(src, ctx), "parcnet (BlockContext.kernel_size)")
 
     @classmethod
     @torch.no_grad()

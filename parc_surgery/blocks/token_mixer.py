@@ -24,8 +24,8 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedTargetError
+from ..helpers import as_kernel_hw, is_positive_int, to_hw
 from ..ops import ParC
-from .metaformer import _kernel_pair
 
 __all__ = ["LAYOUTS", "ParCTokenMixerBase", "attach_grid", "factor_grid", "grid_of", "infer_layout"]
 
@@ -100,17 +100,13 @@ def _to_tokens(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x
 
 
-def _pos_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-
 def _grid_hint(args: tuple, kwargs: dict) -> tuple[int, int] | None:
     """A (H, W) the caller passed along with the tokens: a pair of ints, or two int arguments in a row."""
     for v in list(args) + list(kwargs.values()):
-        if isinstance(v, (tuple, list)) and len(v) == 2 and all(_pos_int(i) for i in v):
-            return int(v[0]), int(v[1])
+        if (hw := to_hw(v, pair_only=True)) is not None:
+            return hw
     ints = [v for v in args if isinstance(v, int) and not isinstance(v, bool)]
-    if len(ints) == 2 and all(_pos_int(i) for i in ints):
+    if len(ints) == 2 and all(is_positive_int(i) for i in ints):
         return ints[0], ints[1]
     return None
 
@@ -235,7 +231,7 @@ class ParCTokenMixerBase(nn.Module):
         if layout not in LAYOUTS:
             raise ConfigError(f"{name}: layout={layout!r} must be one of {LAYOUTS}")
         for what, v in (("dim", dim), ("attn_dim", attn_dim)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not is_positive_int(v):
                 raise ConfigError(f"{name}: {what}={v!r} must be a positive int")
         if attn_dim < 2:
             raise ConfigError(f"{name}: attn_dim={attn_dim} must be >= 2 (split into two ParC halves)")
@@ -243,9 +239,9 @@ class ParCTokenMixerBase(nn.Module):
             isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0
         ):
             raise ConfigError(f"{name}: num_prefix_tokens={num_prefix_tokens!r} must be an int >= 0 or None")
-        kh, kw = _kernel_pair(kernel_hw, name)
+        kh, kw = as_kernel_hw(kernel_hw, name)
         self.kernel_hw = (kh, kw)
-        self.base_grid = _kernel_pair(base_grid, f"{name} (base_grid)") if base_grid is not None else (kh, kw)
+        self.base_grid = as_kernel_hw(base_grid, f"{name} (base_grid)") if base_grid is not None else (kh, kw)
         self.layout = layout
         self.num_prefix_tokens = num_prefix_tokens if layout in ("tokens", "tokens_first") else 0
         self.attn_dim = attn_dim
