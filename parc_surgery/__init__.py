@@ -21,6 +21,7 @@ from .errors import (
     UnsupportedTargetError,
     ValidationError,
 )
+from .exporter import ExportResult, export
 from .flops import count_macs, count_params
 from .io import load, read_manifest, save
 from .ops import ParC
@@ -39,6 +40,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Conversion",
+    "ExportResult",
     "NoMatchError",
     "ParC",
     "ParcSurgeryError",
@@ -53,6 +55,7 @@ __all__ = [
     "convert",
     "count_macs",
     "count_params",
+    "export",
     "get_block",
     "list_blocks",
     "list_candidates",
