@@ -49,6 +49,7 @@ Examples:
   parc-convert vit_giant_patch14_224 --rule vit_attention2parc --dry-run    (meta device: no weights)
   parc-convert resnet50 --rule resnet_parc --inspect
   parc-convert parcnet_s.safetensors --check-onnx
+  parc-convert mobilevit_s --rule vit2parc --export onnx --export-path parcnet_s.onnx
 \b
 Exit codes:
   0  success
@@ -321,6 +322,51 @@ def _audit_loaded(model, manifest: dict, size: tuple[int, int] | None, *, count:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Export (--export)
+
+
+def _export_target(o: dict, model_name: str, rule: str | None, from_file: bool) -> Path | None:
+    """The --export file (checked before the slow part), or None without --export."""
+    fmt = o["export_format"]
+    if fmt is None:
+        if o["export_path"]:
+            raise click.UsageError("--export-path needs --export onnx|openvino|executorch")
+        return None
+    if o["dry_run"] or o["inspect"]:
+        raise click.UsageError("--export needs weights and a model to export; it cannot run with --dry-run / --inspect")
+    from .export_runtimes import FORMAT_FILES, require
+    from .exporter import export_paths
+
+    require(fmt)  # a missing runtime is named (with its extra) before the conversion runs
+    if o["export_path"]:
+        path = Path(o["export_path"])
+    else:
+        stem = Path(model_name).stem if from_file else model_name.replace("/", "_")
+        rule_stem = Path(rule).stem if rule else ""
+        suffix = FORMAT_FILES[fmt][0]
+        path = Path(f"{stem}_{rule_stem}{suffix}" if rule_stem else f"{stem}{suffix}")
+    from ._atomic import check_target
+
+    for f in export_paths(path, fmt):
+        check_target(f, o["force"])
+    return path
+
+
+def _export_step(ui: _Ui, obj, fmt: str, path: Path, size, force: bool, report):
+    """Export, run and compare (``parc_surgery.export``); the outcome becomes the report's ``export_<fmt>`` check."""
+    from .exporter import export
+    from .report import Check
+
+    with ui.step(f"exporting to {fmt} and running it"):
+        try:
+            result = export(obj, fmt, path, input_size=size, force=force)
+        except ValidationError as e:
+            return _with_check(report, Check(f"export_{fmt}", False, str(e)))
+    ui.note(f"wrote {fmt} export {', '.join(result.files)}")
+    return _with_check(report, result.to_check())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The command
 
 
@@ -350,8 +396,15 @@ def _audit_loaded(model, manifest: dict, size: tuple[int, int] | None, *, count:
 @click.option("--inspect", is_flag=True, help="Show stages, replaceable blocks, attention and the rule's selection.")
 @click.option("--list-rules", is_flag=True, help="List the bundled rules and exit.")
 @click.option("--check-onnx", is_flag=True, help="Export to ONNX, run onnxruntime, compare, census the ops.")
+@click.option(
+    "--export",
+    "export_format",
+    type=click.Choice(["onnx", "openvino", "executorch"]),
+    help="Export the (converted) model, run it in that runtime, compare with eager (needs the extra of that name).",
+)
+@click.option("--export-path", metavar="PATH", help="Where --export writes (default: MODEL_RULE.onnx / .xml / .pte).")
 @click.option("--no-count", is_flag=True, help="Skip counting MACs (faster on big models).")
-@click.option("--force", is_flag=True, help="Overwrite an existing --output file.")
+@click.option("--force", is_flag=True, help="Overwrite existing --output / --report / --export files.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 def cli(**opts: Any) -> None:
     """Swap attention / deep conv-stage blocks of MODEL for ParC blocks as RULE says, and audit the result.
@@ -418,6 +471,7 @@ def _run(ui: _Ui, **o: Any) -> int:
         pio._check_target(Path(output), o["force"])  # fail before the slow part, not after it
     if report_path and not dry:
         pio._check_target(Path(report_path), o["force"])  # reports are not clobbered without --force either
+    export_path = _export_target(o, model_name, rule, from_file)
 
     # 1. the model
     meta = dry or o["inspect"]
@@ -487,6 +541,10 @@ def _run(ui: _Ui, **o: Any) -> int:
                 from .report import Check
 
                 report = _with_check(report, Check("onnx", False, str(e)))
+
+    if export_path is not None and report.passed:
+        obj = conv if conv is not None else out_model
+        report = _export_step(ui, obj, o["export_format"], export_path, size, o["force"], report)
 
     # 4. render and write
     if conv is not None:

@@ -126,5 +126,7 @@ def to_portable(model: nn.Module, x: torch.Tensor) -> nn.Module:
             [(_, h, w)] = sizes[m]
             frozen.append((name, PortableParC(m, h if m.axis == "height" else w, x.dtype)))
     for name, new in frozen:
+        if not name:  # the model is itself a ParC / block
+            return new
         out.set_submodule(name, new)
     return out

@@ -66,7 +66,7 @@ def _onnx_write(ep, x: torch.Tensor, files: list[Path], *, opset: int) -> None:
         torch.onnx.export(ep, (x,), str(files[0]), dynamo=True, opset_version=opset, external_data=False)
 
 
-def onnx_census(path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
+def onnx_ops(path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
     """(op_type counts, forbidden nodes) of an ONNX file; local functions inlined first."""
     import onnx
 
@@ -115,7 +115,7 @@ def _openvino_write(ep, x: torch.Tensor, files: list[Path], *, opset: int) -> No
         ov.save_model(model, str(files[0]), compress_to_fp16=False)
 
 
-def openvino_census(path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
+def openvino_ops(path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
     """(op type counts, forbidden ops) of an OpenVINO IR (``.xml``; Parameter / Result / Constant not counted)."""
     import openvino as ov
 
@@ -161,7 +161,7 @@ def _executorch_write(ep, x: torch.Tensor, files: list[Path], *, opset: int) -> 
         files[0].write_bytes(edge.to_executorch().buffer)
 
 
-def executorch_census(path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
+def executorch_ops(path: Path) -> tuple[dict[str, int], tuple[str, ...]]:
     """(operator counts of the program's execution plan, forbidden ops): delegate calls show as ``XnnpackBackend``."""
     from executorch.exir._serialize._program import deserialize_pte_binary
 
@@ -200,12 +200,12 @@ class Runtime:
 
 
 _RUNTIMES = {
-    "onnx": Runtime("onnx", _onnx_write, onnx_census, _onnx_load, "onnxruntime (CPU execution provider)"),
+    "onnx": Runtime("onnx", _onnx_write, onnx_ops, _onnx_load, "onnxruntime (CPU execution provider)"),
     "openvino": Runtime(
-        "openvino", _openvino_write, openvino_census, _openvino_load, "OpenVINO CPU plugin, inference precision f32"
+        "openvino", _openvino_write, openvino_ops, _openvino_load, "OpenVINO CPU plugin, inference precision f32"
     ),
     "executorch": Runtime(
-        "executorch", _executorch_write, executorch_census, _executorch_load, "ExecuTorch runtime, XNNPACK delegate"
+        "executorch", _executorch_write, executorch_ops, _executorch_load, "ExecuTorch runtime, XNNPACK delegate"
     ),
 }
 
