@@ -7,10 +7,11 @@ exactly (to float rounding) what its reference forward computes, rearranged:
   per channel, a circular correlation along height and one along width commute (they act on different
   axes), so half 1's height-then-width and half 2's width-then-height are one height step and one width
   step over the whole map, with the pre-norm BatchNorm scales ``s`` folded into the height kernels. Its
-  constant part (PEs, BN shifts, ParC biases pushed through the correlations) is one map, computed by
-  running the reference mixer on zeros. So: two ParC steps instead of four, no split, no concatenation,
-  no BN pass; with ``fft`` along both axes (eager) the two steps are one ``rfft2`` round trip (Fast-ParC's
-  fused 2-D form); with both steps on ``spatial`` the residual is added by the width step's GEMM (``baddbmm``);
+  constant part (PEs, BN shifts, ParC biases pushed through the correlations) is one map, computed from
+  one column / one row per half (it is constant along one axis before the second ParC). So: two ParC
+  steps instead of four, no split, no concatenation, no BN pass; with ``fft`` along both axes (eager) the
+  two steps are one ``rfft2`` round trip (Fast-ParC's fused 2-D form); with both steps on ``spatial`` the
+  residual is added by the width step's GEMM (``baddbmm``);
 * the FFN's pre-norm BatchNorm is folded into its first 1x1 conv and the channel attention's BatchNorms
   into its two 1x1 convs (run as ``linear`` on the pooled vector); dropouts are identities in eval. The
   FFN's 1x1 convs run as batched GEMMs over the flattened map (as a transformer's ``nn.Linear`` does),
@@ -160,12 +161,29 @@ def _bn_affine(bn: nn.BatchNorm2d, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
+def _constant_map(block, h: int, w: int, dt: torch.dtype) -> torch.Tensor:
+    """The token mixer's output for a zero input, ``(1, D, H, W)``, in O(D (H + W)) work: half 1 sees PE + BN
+    shift, constant along the width, so its height ParC runs on one column and its width ParC is a tap sum
+    plus the ParC's own PE term; half 2 the same with the axes swapped. (The reference mixer on a zero map
+    computes the same, at the cost of a whole forward of the mixer.)"""
+    d = block.half
+    s1, t1 = _bn_affine(block.norm_1, dt)
+    s2, t2 = _bn_affine(block.norm_2, dt)
+    a1, a2 = t1.view(1, d, 1, 1), t2.view(1, d, 1, 1)
+    if block.pe_1 is not None:
+        a1 = a1 + s1.view(1, d, 1, 1) * resize_kernel(block.pe_1.to(dt), h, "height")  # (1, d, H, 1)
+        a2 = a2 + s2.view(1, d, 1, 1) * resize_kernel(block.pe_2.to(dt), w, "width")  # (1, d, 1, W)
+    c1 = block.parc_1_w.constant_line_response(block.parc_1_h(a1.expand(1, d, h, 1)), w)
+    c2 = block.parc_2_h.constant_line_response(block.parc_2_w(a2.expand(1, d, 1, w)), h)
+    return torch.cat([c1.expand(1, d, h, w), c2.expand(1, d, h, w)], dim=1)
+
+
 def fold(block, x: torch.Tensor, *, fuse_fft: bool) -> dict:
     """Every tensor the fast path uses, for inputs shaped like ``x``: a pure function of the block's tensors.
 
     ``fuse_fft``: with ``fft`` along both axes, one 2-D spectrum ``spec2`` (complex) instead of two kernels.
     """
-    _, dim, h, w = x.shape
+    h, w = x.shape[2], x.shape[3]
     dt = x.dtype
     s1, _ = _bn_affine(block.norm_1, dt)
     s2, _ = _bn_affine(block.norm_2, dt)
@@ -182,7 +200,7 @@ def fold(block, x: torch.Tensor, *, fuse_fft: bool) -> dict:
     else:
         out["kh"] = prepare(wh, None, None, h, "height", False, impl_h, dt)[0]
         out["kw"] = prepare(ww, None, None, w, "width", False, impl_w, dt)[0]
-    out["const"] = block.token_mixer(x.new_zeros(1, dim, h, w))
+    out["const"] = _constant_map(block, h, w, dt)
     ffn, ca = block.ffn, block.ca
     fs, ft = _bn_affine(ffn.norm, dt)
     w1 = ffn.fc1.weight.to(dt)

@@ -298,6 +298,17 @@ class ParC(nn.Module):
                 state_dict[key] = resize_kernel(t.to(own.dtype), self.kernel_size, self.axis)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
 
+    def constant_line_response(self, v: torch.Tensor, n: int) -> torch.Tensor:
+        """This ParC's output for an input that is constant along its axis (of length ``n``), from the per-line
+        values ``v`` (``(B, C, H, 1)`` for a width ParC, ``(B, C, 1, W)`` for a height one): ``v * sum(taps)``
+        plus the folded PE / bias term, without building the map. Depthwise only."""
+        if self.dense:
+            raise ConfigError("ParC.constant_line_response: only for depthwise ParC (dense=False)")
+        taps = resize_kernel(self.weight.to(v.dtype), n, self.axis).flatten(1).sum(1)
+        y = v * taps.view(1, -1, 1, 1)
+        _, offset = prepare(self.weight, self.pe, self.bias, n, self.axis, False, "conv", v.dtype)
+        return y if offset is None else y + offset
+
     def extra_repr(self) -> str:
         return (
             f"{self.channels}, kernel_size={self.kernel_size}, axis={self.axis!r}, pe={self.pe is not None}, "
