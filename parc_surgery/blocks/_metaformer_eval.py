@@ -108,17 +108,12 @@ def _input_ok(block, x) -> bool:
 
 
 def _traced_ok(block, x) -> bool:
-    """Whether a ``torch.compile`` / ``torch.export`` trace takes the fast path: the same conditions as eager,
-    read from the module tree (which the compiler guards on), without the eager cache's stamp."""
-    if not _input_ok(block, x) or not foldable(block):
-        return False
-    grad = torch.is_grad_enabled()
-    for m in block.modules():
-        if m.training or (m is not block and (m._forward_hooks or m._forward_pre_hooks)):
-            return False
-        if grad and any(p.requires_grad for p in m.parameters(recurse=False)):
-            return False
-    return True
+    """Whether a ``torch.compile`` / ``torch.export`` trace takes the fast path: the block in eval mode, no autograd
+    (``torch.no_grad()`` / ``torch.inference_mode()``), the layout :func:`fold` assumes. Read from a few flags
+    only: every value read becomes a guard checked on each call of the compiled model (a scan of every
+    submodule's hooks and parameters cost more than the rest of the guards together). Under compile, hooks
+    registered on the block's submodules do not run on this path."""
+    return not block.training and not torch.is_grad_enabled() and _input_ok(block, x) and foldable(block)
 
 
 def _scan(block, x) -> tuple | None:

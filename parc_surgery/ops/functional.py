@@ -114,30 +114,16 @@ def add_pe(x: torch.Tensor, pe: torch.Tensor, axis: Axis) -> torch.Tensor:
     return x + (pe if pe.dtype == x.dtype else pe.to(x.dtype))
 
 
-_INDEX_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _circulant_index(n: int, device: torch.device) -> torch.Tensor:
-    """``idx[i, j] = (j - i) mod n``, memoised per (n, device) in eager mode (built in the graph when compiling)."""
-    cacheable = not (device.type == "meta" or torch.compiler.is_compiling() or torch.is_inference_mode_enabled())
-    idx = _INDEX_CACHE.get((n, device)) if cacheable else None
-    if idx is None:
-        i = torch.arange(n, device=device)
-        idx = (i[None, :] - i[:, None]) % n
-        if cacheable:
-            if len(_INDEX_CACHE) >= 64:
-                _INDEX_CACHE.clear()
-            _INDEX_CACHE[(n, device)] = idx
-    return idx
-
-
 def circulant(w: torch.Tensor) -> torch.Tensor:
     """``(..., N) -> (..., N, N)`` with ``out[..., i, j] = w[..., (j - i) mod N]``.
 
     Row ``i`` holds the taps that produce output ``i`` of the offset-0 cross-correlation, so
-    ``y = circulant(w) @ x`` correlates ``x`` (a column of length N) circularly with ``w``.
+    ``y = circulant(w) @ x`` correlates ``x`` (a column of length N) circularly with ``w``. Built from views of
+    ``cat(w, w)`` (row ``i`` is the window starting at ``N - i``) and one flip: no index tensor, so a compiled
+    graph with frozen weights folds the whole circulant into a constant (an ``arange`` would not be folded).
     """
-    return w[..., _circulant_index(w.shape[-1], w.device)]
+    n = w.shape[-1]
+    return torch.cat([w, w], dim=-1).unfold(-1, n, 1)[..., 1:, :].flip(-2)
 
 
 def prepare_kernel(weight: torch.Tensor, axis: Axis, dense: bool, impl: Form) -> torch.Tensor:
