@@ -38,6 +38,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -167,9 +168,10 @@ def bench_pair(pair: Pair, args) -> list[Row]:
                         elif rt == "compile":  # inductor bakes the thread count into its kernels: one per count
                             runners[key] = {}
                             for n in args.threads:
+                                # a copy per count: the original and the conversion (often the same class) and
+                                # every copy keep their own entry in Dynamo's cache (guarded on the module)
                                 torch.set_num_threads(n)
-                                torch._dynamo.reset()
-                                fn, notes[key] = compiled(model, x, freezing=args.freezing)
+                                fn, notes[key] = compiled(copy.deepcopy(model), x, freezing=args.freezing)
                                 runners[key][n] = lambda fn=fn, x=x: fn(x)
                         else:
                             per_thread, notes[key] = exported(model, x, rt, tmp.name, tag, args.threads, args)

@@ -10,6 +10,8 @@ Inductor's code generation is checked on ParC-Net-XXS and on a ParC ConvNet with
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import timm
 import torch
@@ -87,8 +89,10 @@ def test_bundled_conversion_compiles_fullgraph_and_matches_eager(name, train):
 
 
 def test_parcnet_training_through_aot_autograd_with_the_fft_path():
-    m = _model("parcnet_xxs", True)
-    x = torch.randn(2, 3, 64, 64)
+    # float64: AOT autograd decomposes the training-mode BatchNorms into other float ops than eager's kernel, which
+    # in float32 moves the deepest gradients (the stem's) by ~4e-5 relative; in float64 any real error would show
+    m = _model("parcnet_xxs", True).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with use_impl(m, "fft"):
         compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)
         compiled(x).square().mean().backward()
@@ -102,17 +106,24 @@ def test_the_compiled_graph_runs_the_inference_fast_path(monkeypatch):
     real = fe.fold
     monkeypatch.setattr(fe, "fold", lambda *a, **k: folds.append(1) or real(*a, **k))
     m = _model("parcnet_xxs", False)
-    nodes = []
+    x = torch.randn(1, 3, 64, 64)
 
-    def backend(gm, inputs):
-        nodes.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm
+    def batch_norms(ctx) -> int:
+        nodes = []
 
-    with torch.no_grad():
-        torch.compile(m, backend=backend, fullgraph=True)(torch.randn(1, 3, 64, 64))
+        def backend(gm, inputs):
+            nodes.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm
+
+        torch._dynamo.reset()
+        with ctx, torch.no_grad():
+            torch.compile(m, backend=backend, fullgraph=True)(x)
+        return sum("batch_norm" in t for t in nodes)
+
+    fast = batch_norms(contextlib.nullcontext())
     assert len(folds) >= 9  # every one of ParC-Net-XXS's 9 MetaFormer blocks took the folded path
     assert not fe._CACHE.get(m.stages[2][1].blocks[0])  # no eager cache entry was made while tracing
-    assert sum("baddbmm" in t for t in nodes) >= 9  # the mixer's two GEMMs with the residual in the second
+    assert batch_norms(fe.reference_forward()) - fast == 5 * 9  # the 5 BatchNorms of each block folded away
 
 
 def test_compiled_model_follows_weight_changes():

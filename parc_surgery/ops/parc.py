@@ -96,7 +96,10 @@ def choose_impl(
 
 def resolve_impl(impl: str, x: torch.Tensor, weight: torch.Tensor, axis: str, dense: bool) -> Form:
     """The form one call runs: ``conv`` inside :func:`~parc_surgery.ops.functional.portable_form`, else
-    ``impl`` itself, or for ``auto`` what :func:`choose_impl` picks for this call's size, dtype and autograd."""
+    ``impl`` itself, or for ``auto`` what :func:`choose_impl` picks for this call's size, dtype and autograd,
+    with ``spatial`` turned into ``conv`` in a compiled graph without autograd (``torch.compile`` for inference:
+    oneDNN's convolutions beat the circulant GEMMs there, which ATen runs as one small GEMM per channel;
+    measured on the bundled conversions, e.g. ParC-MobileNetV2 compiled 1.5x faster with ``conv``)."""
     if impl not in IMPLS:
         raise ConfigError(f"ParC: impl must be one of {IMPLS}, got {impl!r}")
     if is_portable():
@@ -104,7 +107,8 @@ def resolve_impl(impl: str, x: torch.Tensor, weight: torch.Tensor, axis: str, de
     if impl == "auto":
         n = x.shape[2] if axis == "height" else x.shape[3]
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        return choose_impl(n, axis=axis, channels=weight.shape[0], dense=dense, dtype=x.dtype, grad=grad)
+        form = choose_impl(n, axis=axis, channels=weight.shape[0], dense=dense, dtype=x.dtype, grad=grad)
+        return "conv" if form == "spatial" and not grad and torch.compiler.is_compiling() else form
     return impl
 
 
