@@ -29,6 +29,8 @@ Usage:
   python benchmarks/zoo_sweep.py --rerun --pattern 'mvit*'   # redo some, keep the other records
   python benchmarks/zoo_sweep.py --rerun --status failed     # redo the failures (after a fix)
   python benchmarks/zoo_sweep.py --report              # rewrite the markdown from the JSON only
+
+The second table of the markdown (models that are not timm's) comes from ``benchmarks/corpus_sweep.py``.
 """
 
 from __future__ import annotations
@@ -549,6 +551,9 @@ def write_markdown(data: dict, path: str) -> None:
         total = sum(c[s] for s in STATUSES)
         lines.append(f"| {f} | {total} | {c['supported']} | " + " | ".join(str(c[s] or "") for s in cols) + " |")
     lines.append("")
+    from corpus_sweep import corpus_table  # the second table: models that are not timm's (corpus_sweep.py)
+
+    lines += corpus_table(data)
     with open(path, "w") as fh:
         fh.write("\n".join(lines))
 
@@ -561,6 +566,7 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most N architectures (after the other filters)")
     p.add_argument("--pattern", default="*", help="shell glob over timm.list_models() names")
     p.add_argument("--sample", type=int, default=None, help="N architectures spread over the families")
+    p.add_argument("--names", default=None, help="a file of architecture names, one per line (with the other filters)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per architecture")
     p.add_argument("--jobs", type=int, default=2, help="worker processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -588,6 +594,10 @@ def main(argv=None) -> None:
         return
     all_names = timm.list_models()
     names = [n for n in all_names if fnmatch.fnmatchcase(n, args.pattern)]
+    if args.names:
+        with open(args.names) as fh:
+            wanted = {ln.strip() for ln in fh if ln.strip()}
+        names = [n for n in names if n in wanted]
     if args.sample:
         names = spread_sample(names, args.sample)
     if args.resume:

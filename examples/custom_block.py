@@ -133,7 +133,7 @@ class ParCMixer(nn.Module):
                     axis = "width" if summed == 3 else "height"
                     carry.transform(f"{name}.weight", ("dw.weight",), f"k x k kernel summed over the {axis} taps")
                     carry.transform(f"{name}.bias", ("dw.bias",), "conv bias, this half's channels")
-        return block, carry.finish(block, module)  # finish() lists the new (pe) and dropped parameters
+        return block, carry.finish(block, module)  # finish() lists the new (pe) parameters; drops are declared
 
 
 def unregister() -> None:

@@ -199,7 +199,7 @@ def evaluate(model: nn.Module, data: TensorDataset, device) -> tuple[float, floa
 
 def save_and_reload(conv, path: Path, data: TensorDataset, device, *, model_name: str, model_args: dict, seed: int):
     """Rank 0: save with safetensors, reload with ``parc_surgery.load``: same logits, same accuracy?"""
-    parc_surgery.save(conv, path, model_name=model_name, model_args=model_args, seed=seed, force=True)
+    parc_surgery.save(conv, path, source=model_name, model_args=model_args, seed=seed, force=True)
     reloaded = parc_surgery.load(path, device=device)
     a, b = logits_of(conv.model, data, device), logits_of(reloaded, data, device)
     labels = data.tensors[1]

@@ -10,7 +10,8 @@ Quickstart::
 
 from . import timm_models  # noqa: F401  (registers parcnet_s & co. with timm)
 from .api import Candidates, Conversion, convert, list_candidates
-from .blocks import BlockContext, CarryRecord, get_block, list_blocks, register_block
+from .blocks import BlockContext, CarryRecord, ReplacementBlock, get_block, list_blocks, register_block
+from .checkpoint import load, read_manifest, save
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -23,7 +24,6 @@ from .errors import (
 )
 from .exporter import ExportResult, export
 from .flops import count_macs, count_params
-from .io import load, read_manifest, save
 from .ops import ParC
 from .plan import Plan
 from .report import Check, Report
@@ -45,6 +45,7 @@ __all__ = [
     "ParC",
     "ParcSurgeryError",
     "Plan",
+    "ReplacementBlock",
     "Report",
     "Rule",
     "RuleError",

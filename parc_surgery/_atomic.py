@@ -11,33 +11,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import CheckpointError
-
-__all__ = ["atomic_target", "check_target"]
+__all__ = ["atomic_target"]
 
 
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def check_target(path: Path, force: bool) -> None:
-    """Raise :class:`CheckpointError` unless ``path`` can be written: its directory exists, it is no directory,
-    and it does not exist yet unless ``force``."""
-    directory = path.parent
-    if not directory.exists():
-        raise CheckpointError(
-            f"cannot write {str(path)!r}: directory {str(directory)!r} does not exist; create it first"
-        )
-    if not directory.is_dir():
-        raise CheckpointError(f"cannot write {str(path)!r}: {str(directory)!r} is not a directory")
-    if path.is_dir():
-        raise CheckpointError(f"cannot write {str(path)!r}: it is a directory")
-    if path.exists() and not force:
-        raise CheckpointError(
-            f"{str(path)!r} exists already; pass force=True (CLI: --force) to overwrite it (it was left untouched)"
-        )
 
 
 @contextlib.contextmanager

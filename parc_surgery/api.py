@@ -1,7 +1,8 @@
-"""The one place that orchestrates a conversion: probe -> match -> plan -> check -> rewrite -> audit -> validate.
+"""The one place that orchestrates a conversion: probe -> stages -> match -> plan -> rewrite -> audit -> validate.
 
-``convert(model, rule)`` never touches the user's model: it works on a deep copy, and only after
-every target has been planned and checked does it build the replacement blocks and swap them in.
+``convert(model, rule)`` never touches the user's model: it works on a deep copy. ``match`` finds each rule
+target's candidates (pure sets); ``plan`` plans and checks every candidate once, recording refusals; only
+after every target has been planned and checked does ``rewrite`` build the replacement blocks and swap them in.
 ``list_candidates(model, rule)`` is the discovery tool every "nothing matched" error points to.
 """
 
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import CarryRecord, get_block, list_blocks
+from .blocks import CarryRecord, get_block_spec, list_blocks
+from .candidates import Candidates
 from .errors import (
     ConfigError,
     NoMatchError,
@@ -26,12 +28,13 @@ from .errors import (
     ValidationError,
 )
 from .flops import count_macs, count_macs_impls, count_params
-from .match import TargetDiagnostic, select_targets
+from .match import select_candidates
 from .ops import ParC
-from .plan import Plan, PlannedTarget, build_plan, check_plan, target_problem
-from .probe import ProbeResult, _timm_leaves, example_input, probe_model, trace_model
+from .plan import Plan, PlanResult, plan_targets, refusal_error
+from .preserved import check_preserved
+from .probe import ProbeResult, _timm_leaves, example_input, module_state_kept, probe_model, trace_model
 from .report import Check, Report, TargetReport
-from .rewrite import apply_plan
+from .rewrite import apply_plan, rewrite_notes
 from .rule import Rule, load_rule
 from .stages import Stage, find_stages
 from .types import type_name_matches
@@ -51,63 +54,6 @@ class Conversion:
     report: Report
     carry: dict[str, CarryRecord] = field(default_factory=dict)
     rule: Rule | None = None
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """What :func:`list_candidates` found: stages, replaceable blocks, attention mixers, a rule's selection."""
-
-    model: str
-    input_size: tuple[int, int]
-    stages: tuple[Stage, ...]
-    blocks: tuple[tuple[str, str, tuple[str, ...]], ...]  # (name, type, registered blocks that replace it)
-    attention: tuple[str, ...]
-    traced: bool
-    trace_note: str
-    selected: tuple[PlannedTarget, ...] | None = None
-    diagnostics: tuple[TargetDiagnostic, ...] = ()
-    other_attention: tuple[str, ...] = ()  # attention that is no token mixer (pooling, class attention)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "input_size": list(self.input_size),
-            "traced": self.traced,
-            "trace_note": self.trace_note,
-            "stages": [s.to_dict() for s in self.stages],
-            "blocks": [{"name": n, "type": t, "replaceable_by": list(b)} for n, t, b in self.blocks],
-            "attention": list(self.attention),
-            "other_attention": list(self.other_attention),
-            "selected": None if self.selected is None else [t.to_dict() for t in self.selected],
-            "diagnostics": [d.describe() for d in self.diagnostics],
-        }
-
-    def __str__(self) -> str:
-        lines = [f"{self.model} at {self.input_size[0]}x{self.input_size[1]} (fx trace: {self.traced_text})"]
-        lines.append("stages:")
-        for s in self.stages:
-            feat = "x".join(map(str, s.feature_size or ()))
-            lines.append(f"  [{s.index}] {s.container}: {len(s.blocks)} blocks, {s.channels} ch, {feat}")
-        lines.append(f"replaceable blocks: {len(self.blocks)}")
-        for n, t, b in self.blocks:
-            lines.append(f"  {n} ({t}) -> {', '.join(b)}")
-        lines.append(f"attention token mixers: {len(self.attention)}")
-        for n in self.attention:
-            lines.append(f"  {n}")
-        if self.other_attention:
-            lines.append(f"other attention (fewer tokens out than in: not token mixers): {len(self.other_attention)}")
-            lines.extend(f"  {n}" for n in self.other_attention)
-        if self.selected is not None:
-            lines.append(f"selected by the rule: {len(self.selected)}")
-            for t in self.selected:
-                lines.append(f"  {t.name} -> {t.block} (kernel {t.ctx.kernel_hw}, pe={t.ctx.pe})")
-            for d in self.diagnostics:
-                lines.append(f"  {d.describe()}")
-        return "\n".join(lines)
-
-    @property
-    def traced_text(self) -> str:
-        return "ok" if self.traced else f"failed, forward hooks used ({self.trace_note})"
 
 
 def get_model_name(model: nn.Module) -> str:
@@ -170,7 +116,7 @@ def _check_model(model) -> None:
 
 def _replaceable(model: nn.Module) -> list[tuple[str, str, tuple[str, ...]]]:
     out = []
-    blocks = [(b, getattr(get_block(b), "replaces", ())) for b in list_blocks()]
+    blocks = [(b, get_block_spec(b).replaces) for b in list_blocks()]
     for name, mod in model.named_modules():
         if not name:
             continue
@@ -237,11 +183,6 @@ def _survey(work: nn.Module, size: tuple[int, int]) -> _Survey:
     return _Survey(work, size, x, probe, find_stages(work, probe), gm is not None, why, leaves)
 
 
-def _already_converted(model: nn.Module, name: str) -> bool:
-    mod = model.get_submodule(name)
-    return any(isinstance(m, ParC) for m in mod.modules())
-
-
 def _no_match(rule: Rule, survey: _Survey, diags, model_name: str, extra: str = "") -> NoMatchError:
     lines = "\n  ".join(d.describe() for d in diags)
     return NoMatchError(
@@ -253,33 +194,18 @@ def _no_match(rule: Rule, survey: _Survey, diags, model_name: str, extra: str = 
     )
 
 
-def _acceptor(rule: Rule, survey: _Survey, model_name: str):
-    """The ``accept`` callback of :func:`select_targets`: asks the target's block (see match precedence rule 2)."""
-
-    def accept(sel):
-        t = build_plan(
-            survey.work, rule, survey.probe, survey.stages, [sel], model_name=model_name, input_size=survey.size
-        )[0]
-        why = target_problem(survey.work, t, survey.probe)
-        if why is None:
-            return None
-        return why, bool(getattr(get_block(t.block), "skip_unsupported", False))
-
-    return accept
+def _plan(rule: Rule, survey: _Survey, *, impl=None, init=None) -> PlanResult:
+    """match (each target's candidates) -> plan (each candidate planned and checked once)."""
+    candidates = select_candidates(survey.work, rule, survey.probe, survey.stages)
+    return plan_targets(survey.work, rule, survey.probe, candidates, impl=impl, init=init)
 
 
-def _select(rule, survey, model_name):
-    return select_targets(survey.work, rule, survey.probe, survey.stages, accept=_acceptor(rule, survey, model_name))
-
-
-def _plan(rule, survey, model_name, *, impl, init) -> tuple[list[PlannedTarget], list, list[str]]:
-    selections, diags = _select(rule, survey, model_name)
-    notes = []
-    done = [s for s in selections if _already_converted(survey.work, s.name)]
-    if done:
-        notes.append(f"{len(done)} selected module(s) already contain ParC layers and were left as they are")
-        selections = [s for s in selections if s not in done]
-    if not selections:
+def _checked_plan(rule: Rule, survey: _Survey, model_name: str, *, impl, init) -> PlanResult:
+    """:func:`_plan`, raising when a refusal stands or nothing was selected."""
+    result = _plan(rule, survey, impl=impl, init=init)
+    if result.refused:
+        raise refusal_error(result.refused, len(result.targets))
+    if not result.targets:
         n_parc = sum(isinstance(m, ParC) for m in survey.work.modules())
         extra = (
             f" (the model looks already converted: it holds {n_parc} ParC layer(s); converting it again is "
@@ -287,22 +213,8 @@ def _plan(rule, survey, model_name, *, impl, init) -> tuple[list[PlannedTarget],
             if n_parc
             else ""
         )
-        raise _no_match(rule, survey, diags, model_name, extra)
-    for d in diags:
-        if d.selected == 0:
-            notes.append(f"targets[{d.target_index}] selected nothing: {d.describe()}")
-    targets = build_plan(
-        survey.work,
-        rule,
-        survey.probe,
-        survey.stages,
-        selections,
-        model_name=model_name,
-        input_size=survey.size,
-        impl=impl,
-        init=init,
-    )
-    return targets, diags, notes
+        raise _no_match(rule, survey, result.diagnostics, model_name, extra)
+    return result
 
 
 def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_size=None) -> Candidates:
@@ -318,13 +230,12 @@ def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_siz
     with _user_hooks_detached(work), _guard("probing the model", TraceError):
         survey = _survey(work, size)
     name = get_model_name(model)
-    selected, diags = None, ()
+    selected, diags, refused = None, (), ()
     if r is not None:
         with _guard("selecting the rule's targets", UnsupportedTargetError):
-            selections, diags = _select(r, survey, name)
-            selected = tuple(
-                build_plan(survey.work, r, survey.probe, survey.stages, selections, model_name=name, input_size=size)
-            )
+            result = _plan(r, survey)
+            selected, diags = tuple(result.targets), tuple(result.diagnostics)
+            refused = (*result.refused, *result.skipped)
     return Candidates(
         name,
         size,
@@ -336,6 +247,7 @@ def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_siz
         selected,
         tuple(diags),
         survey.probe.other_attention,
+        refused,
     )
 
 
@@ -368,7 +280,9 @@ def convert(
         impl: override every target's ParC implementation (``spatial`` / ``fft`` / ``auto``).
         init: override every target's initialisation (``warm_start`` / ``reference``).
         seed: seeds the new weights: the same model, rule and seed give bit-identical weights.
-        validate: run the checks of :mod:`parc_surgery.validate` and record them in the report.
+        validate: run the checks of :mod:`parc_surgery.validate` and record them in the report. The ``preserved``
+            check (:mod:`parc_surgery.preserved`: every input tensor kept bit-identical or in a carry record) runs
+            always.
         count: count MACs before/after (FlopCounterMode, spatial formulation; FFT too).
         strict: raise :class:`ValidationError` (carrying ``.conversion``) if a check fails.
         model_name: name used in the report (default: timm's architecture name or the class name).
@@ -389,23 +303,39 @@ def convert(
     work = _copy(model)  # everything happens on this copy; the user's model is never run or touched
     with _user_hooks_detached(work), _guard("converting the model", UnsupportedTargetError):
         return _convert(
-            work, r, size, name, impl=impl, init=init, seed=seed, validate=validate, count=count, strict=strict
+            work,
+            r,
+            size,
+            name,
+            original=model,
+            impl=impl,
+            init=init,
+            seed=seed,
+            validate=validate,
+            count=count,
+            strict=strict,
         )
 
 
-def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) -> Conversion:
+def _convert(work, r, size, name, *, original, impl, init, seed, validate, count, strict) -> Conversion:
     with _guard("probing the model", TraceError):
         survey = _survey(work, size)
     with _guard("planning the conversion", UnsupportedTargetError):
-        targets, _, notes = _plan(r, survey, name, impl=impl, init=init)
-        check_plan(work, targets, survey.probe)
+        planned = _checked_plan(r, survey, name, impl=impl, init=init)
+    targets, notes = planned.targets, list(planned.notes)
+    if planned.skipped:
+        notes.append(
+            f"{len(planned.skipped)} selected module(s) left out (the lenient block cannot replace them): "
+            + "; ".join(f"{x.name}: {x.reason}" for x in planned.skipped[:5])
+        )
 
     # reference outputs and counts of the original, taken on the copy before any swap
     x2 = example_input(work, second_size(size))
     ref = ref2 = None
     if validate:
-        ref = survey.probe.output  # the probe ran the unconverted copy in eval mode without grad
-        ref2 = eval_forward(work, x2)
+        ref = survey.probe.raw_output  # the probe ran the unconverted copy in eval mode without grad
+        with module_state_kept(work):  # a forward at another size may change a stateful model
+            ref2 = eval_forward(work, x2)
     params_before = count_params(work)
     per_target_before = {t.name: count_params(work.get_submodule(t.name)) for t in targets}
     before, why_b = _macs(work, size) if count else (None, "")
@@ -415,15 +345,17 @@ def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) 
     was_leaf = [t.name for t in targets if leaves and isinstance(work.get_submodule(t.name), tuple(leaves))]
 
     carry = apply_plan(work, targets, seed=seed)
+    notes.extend(rewrite_notes(work, targets))
     leaf_types = tuple({*survey.leaf_types, *(type(work.get_submodule(n)) for n in was_leaf)})
 
     # one meta pass for both ParC formulations (spatial: the papers' count; fft: Fast-ParC)
     after_by_impl, why_a = _macs(work, size, fn=count_macs_impls) if count else (None, "")
     after, after_fft = (after_by_impl["spatial"], after_by_impl["fft"]) if after_by_impl else (None, None)
-    checks: list[Check] = []
+    with _guard("checking that nothing of the input was lost", ValidationError):
+        checks: list[Check] = [check_preserved(original, work, targets, carry)]  # always on
     if validate:
-        with _guard("validating the converted model", ValidationError):
-            checks = validate_model(
+        with _guard("validating the converted model", ValidationError), module_state_kept(work):
+            checks += validate_model(
                 work,
                 targets,
                 x=survey.x,
@@ -477,7 +409,7 @@ def _convert(work, r, size, name, *, impl, init, seed, validate, count, strict) 
         notes=tuple(report_notes),
     )
     conv = Conversion(work, plan, report, carry, r)
-    if strict and validate and not report.passed:
+    if strict and not report.passed:
         failed = [c for c in checks if not c.passed]
         err = ValidationError(
             f"{len(failed)} check(s) failed on the converted {name}: "

@@ -27,7 +27,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from ._atomic import atomic_target, check_target
+from ._atomic import atomic_target
+from .checkpoint import check_writable
 from .errors import ConfigError, ParcSurgeryError, ValidationError
 from .export_portable import to_portable
 from .export_runtimes import FORMAT_FILES, FORMATS, get_runtime
@@ -170,7 +171,7 @@ def export(
     runtime = get_runtime(format)
     files = export_paths(path, format)
     for f in files:
-        check_target(f, force)
+        check_writable(f, force=force)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"export: batch must be a positive int, got {batch!r}")
     model, size = _resolve(obj, input_size)
@@ -218,7 +219,7 @@ def export(
         if not result.matches:
             raise ValidationError(f"export check failed (nothing written): {result.summary()}")
         for src, dst in sorted(zip(tmp, files), key=lambda sd: sd[1].suffix == ".xml"):  # OpenVINO: .bin first
-            with atomic_target(dst, before_replace=lambda d=dst: check_target(d, force)) as t:
+            with atomic_target(dst, before_replace=lambda d=dst: check_writable(d, force=force)) as t:
                 os.replace(src, t)
         return result
     finally:

@@ -5,16 +5,19 @@ Precedence (one rule, documented once):
 1. Within a target, a module is selected when it meets *every* criterion given under ``select``
    (type AND name AND stages AND attention) and neither it nor a module around it meets every criterion
    given under ``exclude`` (excluding a module excludes everything inside it).
-2. Targets are tried in file order; a module already selected by an earlier target, or inside or around
-   one, is not selected again (the earlier target wins). When the engine passes ``accept`` (it asks the
-   target's block whether it can replace the module), a module the block refuses is left to the later
-   targets; if none of them takes it, it stays with its first target (so the conversion reports the
-   refusal), unless a target whose block skips what it cannot replace (a generic fallback block) selected
-   it too, which leaves it out with a note.
+2. Targets are tried in file order; a module already taken by an earlier target, or inside or around
+   one, is not taken again (the earlier target wins). A module the target's block refuses (its
+   ``check_source``) is left to the later targets; if none of them takes it, it stays with its first
+   target (so the conversion reports the refusal), unless a target whose block skips what it cannot
+   replace (a lenient, generic fallback block) selected it too, which leaves it out with a note. This rule
+   needs the blocks' verdicts, so :func:`parc_surgery.plan.plan_targets` applies it, planning and checking
+   each candidate once; this module only finds each target's candidates (rules 1, 3, 4).
 3. Within a target, when a module and one of its descendants are both selected, the outermost wins.
 4. A stage selection ``fraction: f`` takes the last ``round(n * f)`` blocks (at least one) of each
    named stage; the stage's first block is left out when it changes the feature shape (the strided /
-   widening block), unless ``include_first: true``.
+   widening block), unless ``include_first: true``. It matches those blocks and every module inside
+   them: alone it selects the blocks (rule 3), and together with ``type: Conv2d`` (or a name) it selects
+   the convs (the matching modules) *inside* the blocks of those stage fractions.
 
 Names match exactly, as shell globs (``*``, ``?``, ``[...]``), or as full regular expressions with a
 ``re:`` prefix. Types match a class name or dotted path anywhere in the module's MRO (subclasses
@@ -26,17 +29,17 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from .ops import ParC
 from .probe import ProbeResult
 from .rule import Rule, Selector
 from .stages import Stage
 from .types import type_name_matches
 
-__all__ = ["Selection", "TargetDiagnostic", "count_from_fraction", "select_targets"]
+__all__ = ["Selection", "TargetCandidates", "TargetDiagnostic", "count_from_fraction", "select_candidates"]
 
 
 @dataclass(frozen=True)
@@ -112,64 +115,76 @@ def _stage_members(sel: Selector, stages: list[Stage]) -> dict[str, tuple[int, i
 
 
 def _criteria(sel: Selector, modules: dict[str, nn.Module], probe: ProbeResult, stages: list[Stage]):
-    """Yield (description, set of matching canonical names) for each criterion given in ``sel``."""
+    """(description, set of matching canonical names, count shown) for each criterion given in ``sel``.
+
+    A stage selection matches the selected blocks *and every module inside them*: with no other criterion the
+    blocks win (rule 3, outermost), with ``type: Conv2d`` (or a name pattern) the modules inside them that match.
+    """
     out = []
     if sel.types:
         hit = {n for n, m in modules.items() if any(_type_matches(m, t, sel.exact) for t in sel.types)}
-        out.append((f"type {list(sel.types)}" + (" (exact)" if sel.exact else ""), hit))
+        out.append((f"type {list(sel.types)}" + (" (exact)" if sel.exact else ""), hit, len(hit)))
     if sel.names:
         hit = {n for n in modules if any(_name_matches(p, probe.aliases.get(n, (n,))) for p in sel.names)}
-        out.append((f"name {list(sel.names)}", hit))
+        out.append((f"name {list(sel.names)}", hit, len(hit)))
     if sel.stages:
-        members = _stage_members(sel, stages)
+        members = set(_stage_members(sel, stages)) & set(modules)
+        prefixes = tuple(f"{m}." for m in members)
+        hit = members | {n for n in modules if n.startswith(prefixes)} if members else set()
         desc = "; ".join(
             f"stage {list(s.stages)} last {s.fraction}" + (" incl. first" if s.include_first else "")
             for s in sel.stages
         )
-        out.append((f"stages [{desc}] of {len(stages)} found", set(members) & set(modules)))
+        out.append((f"stages [{desc}] of {len(stages)} found (blocks)", hit, len(members)))
     if sel.attention:
-        out.append(("attention (detected by tracing)", set(probe.attention) & set(modules)))
+        hit = set(probe.attention) & set(modules)
+        out.append(("attention (detected by tracing)", hit, len(hit)))
     return out
 
 
-def select_targets(
-    model: nn.Module,
-    rule: Rule,
-    probe: ProbeResult,
-    stages: list[Stage],
-    *,
-    accept: Callable[[Selection], tuple[str, bool] | None] | None = None,
-) -> tuple[list[Selection], list[TargetDiagnostic]]:
-    """Apply ``rule`` to ``model``: the selected modules (canonical names) and a diagnostic per target.
+@dataclass
+class TargetCandidates:
+    """One rule target's candidates: the modules it selects on its own, outermost first, in call order."""
 
-    ``accept(selection)`` returns ``None`` when the target's block can replace the module, else
-    ``(reason, skip)``: ``skip`` leaves the module out for good (a lenient block), otherwise later targets may
-    take it (precedence rule 2).
+    target_index: int
+    block: str
+    selections: list[Selection]
+    diagnostic: TargetDiagnostic
+
+
+def _parents(name: str):
+    """``a.b.c`` -> ``a.b``, ``a``."""
+    while "." in name:
+        name = name.rsplit(".", 1)[0]
+        yield name
+
+
+def _holds_parc(mod: nn.Module) -> bool:
+    return any(isinstance(m, ParC) for m in mod.modules())
+
+
+def select_candidates(model: nn.Module, rule: Rule, probe: ProbeResult, stages: list[Stage]) -> list[TargetCandidates]:
+    """Each target's candidates in ``model`` (precedence rules 1, 3 and 4; rule 2 is applied by the plan).
+
+    Pure: nothing is checked or built. Modules that never ran in the probe's forward, and modules that already
+    hold ParC layers (a converted model), are left out with a note in the target's diagnostic.
     """
     modules: dict[str, nn.Module] = {n: m for n, m in model.named_modules() if n}
     stage_of: dict[str, tuple[int, int]] = {}
     for st in stages:
         for pos, b in enumerate(st.blocks):
             stage_of[b] = (st.index, pos)
-    taken: list[str] = []
-    selections: list[Selection] = []
-    diags: list[TargetDiagnostic] = []
-    refused: dict[str, tuple[Selection, TargetDiagnostic, str]] = {}  # left to later targets
-
-    def overlaps(name: str, others: list[str]) -> bool:
-        return any(name == o or name.startswith(o + ".") or o.startswith(name + ".") for o in others)
-
+    out: list[TargetCandidates] = []
     for ti, target in enumerate(rule.targets):
         diag = TargetDiagnostic(ti, target.block)
         crit = _criteria(target.select, modules, probe, stages)
-        diag.criteria = [(d, len(h)) for d, h in crit]
+        diag.criteria = [(d, k) for d, _, k in crit]
         chosen = set(modules)
-        for _, hit in crit:
+        for _, hit, _ in crit:
             chosen &= hit
         if target.exclude is not None and not target.exclude.is_empty:
-            ex_crit = _criteria(target.exclude, modules, probe, stages)
             excluded = set(modules)
-            for _, hit in ex_crit:
+            for _, hit, _ in _criteria(target.exclude, modules, probe, stages):
                 excluded &= hit
             # excluding a module excludes everything inside it
             excluded |= {n for n in chosen if any(n.startswith(e + ".") for e in excluded)}
@@ -183,34 +198,14 @@ def select_targets(
         ordered = sorted(chosen, key=lambda n: probe.calls[n].order)
         # outermost wins within a target
         outer = [n for n in ordered if not any(n.startswith(o + ".") for o in ordered if o != n)]
-        clash = [n for n in outer if overlaps(n, taken)]
-        if clash:
-            diag.notes.append(f"{len(clash)} already taken by an earlier target")
-        kept = []
-        skipped: list[str] = []
+        done = [n for n in outer if _holds_parc(modules[n])]
+        if done:
+            diag.notes.append(f"{len(done)} already hold ParC layers and were left as they are")
+        sels = []
         for n in outer:
-            if n in clash:
+            if n in done:
                 continue
-            st = stage_of.get(n)
-            sel = Selection(n, probe.aliases.get(n, (n,)), ti, st[0] if st else None, st[1] if st else None)
-            verdict = accept(sel) if accept is not None else None
-            if verdict is None:
-                kept.append(n)
-                selections.append(sel)
-                refused.pop(n, None)
-            elif verdict[1]:  # a lenient block's refusal is final, also for a module an earlier target refused
-                earlier = refused.pop(n, None)
-                skipped.append(f"{verdict[0]}" + (f" (and {earlier[2]})" if earlier else ""))
-            else:
-                refused.setdefault(n, (sel, diag, verdict[0]))
-        if skipped:
-            diag.notes.append(f"{len(skipped)} left out (the block cannot replace them): " + "; ".join(skipped[:3]))
-        taken.extend(kept)
-        diag.selected = len(kept)
-        diags.append(diag)
-    # refused modules no later target took stay with their first target: the plan check reports why
-    for n, (sel, diag, _) in refused.items():
-        if not overlaps(n, taken):
-            selections.append(sel)
-            diag.selected += 1
-    return selections, diags
+            st = stage_of.get(n) or next((stage_of[p] for p in _parents(n) if p in stage_of), None)
+            sels.append(Selection(n, probe.aliases.get(n, (n,)), ti, st[0] if st else None, st[1] if st else None))
+        out.append(TargetCandidates(ti, target.block, sels, diag))
+    return out

@@ -16,18 +16,29 @@ trace are still handled through the recorded forward (the hooks), and the report
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from .dataflow import Dataflow, DataflowRecorder, ModuleCall
 from .errors import TraceError
 
-__all__ = ["CallRecord", "ProbeResult", "example_input", "probe_model", "trace_model"]
+__all__ = [
+    "CallRecord",
+    "ProbeResult",
+    "example_input",
+    "module_state_kept",
+    "probe_model",
+    "trace_model",
+    "trace_side_effects_undone",
+]
 
 _aten = torch.ops.aten
 _MATMUL_OPS = {"mm", "bmm", "matmul", "baddbmm", "addmm", "einsum", "_unsafe_view_mm"}
@@ -48,6 +59,7 @@ class CallRecord:
     in_shapes: list[tuple[int, ...] | None] = field(default_factory=list)
     out_shapes: list[tuple[int, ...] | None] = field(default_factory=list)
     out_tensor: list[bool] = field(default_factory=list)  # per call: the output was a plain tensor
+    call_args: list[ModuleCall] = field(default_factory=list)  # per call: arguments and output, tensors by reference
 
     @property
     def calls(self) -> int:
@@ -71,6 +83,9 @@ class ProbeResult:
     aliases: dict[str, tuple[str, ...]]  # name -> every qualified name of the same module object
     output: torch.Tensor | None = None  # the (first tensor of the) model output
     other_attention: tuple[str, ...] = ()  # attention that is no token mixer (pooling, class / cross attention)
+    raw_output: Any = None  # the model output as returned (a tensor, tuple, dict or ModelOutput)
+    flow: Dataflow = field(default_factory=Dataflow)  # every aten op of the forward, tensors by reference
+    forms: dict = field(default_factory=dict)  # name -> AttentionForm or its refusal (attention_form's cache)
 
     def called(self, name: str) -> bool:
         rec = self.calls.get(name)
@@ -93,27 +108,10 @@ def _first_tensor(obj) -> torch.Tensor | None:
     return None
 
 
-class _OpRecorder(TorchDispatchMode):
-    """Records, for each aten op, the innermost module running it (from the hook-maintained stack).
-
-    Modules named in ``transparent`` (parameter-free leaves such as ``nn.Softmax`` / ``nn.Dropout``) do not
-    own ops: their ops go to the module that called them, so an attention whose softmax is an
-    ``nn.Softmax`` child (Swin's ``WindowAttention``) still shows softmax(Q K^T) V in its own ops.
-    """
-
-    def __init__(self, stack: list[str], transparent: frozenset[str] = frozenset()):
-        super().__init__()
-        self.stack = stack
-        self.transparent = transparent
-        self.ops: dict[str, list[str]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        owner = next((n for n in reversed(self.stack) if n not in self.transparent), "")
-        self.ops.setdefault(owner, []).append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
-def _attention_owners(ops: dict[str, list[str]]) -> list[str]:
+def _attention_owners(flow: Dataflow) -> list[str]:
+    ops: dict[str, list[str]] = {}
+    for op in flow.ops:
+        ops.setdefault(op.owner, []).append(op.name)
     found = []
     for owner, seq in ops.items():
         if not owner:
@@ -171,6 +169,13 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
     stack: list[str] = []
     counter = [0]
     handles = []
+    pending: dict[str, list] = {}
+    transparent = frozenset(
+        name
+        for name, mod in model.named_modules()
+        if name and not any(True for _ in mod.children()) and not any(True for _ in mod.parameters())
+    )
+    recorder = DataflowRecorder(model, stack, transparent)
 
     def pre(name):
         def hook(mod, args, kwargs=None):
@@ -181,6 +186,7 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
                 counter[0] += 1
             t = _first_tensor(args) if args else _first_tensor(kwargs or {})
             rec.in_shapes.append(tuple(t.shape) if t is not None else None)
+            pending.setdefault(name, []).append((recorder.to_refs((args, kwargs or {})), len(recorder.flow.ops)))
 
         return hook
 
@@ -189,8 +195,11 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
             if stack and stack[-1] == name:
                 stack.pop()
             t = _first_tensor(out)
-            calls[name].out_shapes.append(tuple(t.shape) if t is not None else None)
-            calls[name].out_tensor.append(isinstance(out, torch.Tensor))
+            rec = calls[name]
+            rec.out_shapes.append(tuple(t.shape) if t is not None else None)
+            rec.out_tensor.append(isinstance(out, torch.Tensor))
+            (a, k), start = pending[name].pop()
+            rec.call_args.append(ModuleCall(a, k, recorder.to_refs(out), (start, len(recorder.flow.ops))))
 
         return hook
 
@@ -202,15 +211,14 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
         handles.append(mod.register_forward_pre_hook(pre(name), with_kwargs=True))
         handles.append(mod.register_forward_hook(post(name)))
     was_training = model.training
-    transparent = frozenset(
-        name
-        for name, mod in model.named_modules()
-        if name and not any(True for _ in mod.children()) and not any(True for _ in mod.parameters())
-    )
-    recorder = _OpRecorder(stack, transparent)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         model.eval()
+        # nn.MultiheadAttention / nn.TransformerEncoderLayer run one fused op in eval without grad; the probe
+        # needs to see their attention as attention (projections, SDPA), so their fast path is off here
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), recorder:
+            recorder.to_refs(x, taint=True)
             out = model(x)
     except Exception as e:  # the model's own failure at this size
         hint = (
@@ -224,8 +232,9 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
         for h in handles:
             h.remove()
         model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     t = _first_tensor(out)
-    owners = _attention_owners(recorder.ops)
+    owners = _attention_owners(recorder.flow)
     attention = tuple(n for n in owners if _keeps_layout(calls[n]))
     other = tuple(n for n in owners if n not in attention)
     alias_map = {}
@@ -233,7 +242,34 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
         for n in names:
             alias_map[n] = tuple(names)
     # records under the canonical (first) name only; expose aliases separately
-    return ProbeResult(tuple(x.shape), tuple(t.shape) if t is not None else None, calls, attention, alias_map, t, other)
+    return ProbeResult(
+        tuple(x.shape), tuple(t.shape) if t is not None else None, calls, attention, alias_map, t, other, out,
+        recorder.flow,
+    )
+
+
+@contextlib.contextmanager
+def module_state_kept(model: nn.Module):
+    """Restore every module's plain attributes (ints, floats, bools, strings, tuples of them) afterwards.
+
+    Some forwards change their own configuration with the input size (``transformers``' Swin shrinks its
+    window when the feature map is smaller, and keeps it): a forward at another size must not change what the
+    model does at the size it was converted for.
+    """
+    saved = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_") and _is_plain(v)}) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, attrs in saved:
+            for k, v in attrs.items():
+                if m.__dict__.get(k, v) is not v:
+                    m.__dict__[k] = v
+
+
+def _is_plain(v) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str)) or (
+        isinstance(v, tuple) and all(isinstance(i, (bool, int, float, str)) for i in v)
+    )
 
 
 def _keeps_layout(rec: CallRecord) -> bool:
@@ -282,6 +318,37 @@ def _default_args(model: nn.Module) -> dict | None:
     return out or None
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+@contextlib.contextmanager
+def trace_side_effects_undone(model: nn.Module):
+    """Undo what a symbolic trace writes into the modules' own attributes and containers.
+
+    Some forwards cache a computed tensor on the module in eval (timm's ``Attention2d.attention_bias_cache``):
+    traced, the cache keeps an fx ``Proxy`` of that trace's graph, which a later trace of the same module would
+    read as a node of another graph (and a later forward would fail on). Attributes set, replaced or added and
+    dict / list / set contents changed during the trace are put back as they were.
+    """
+    saved = []
+    for m in model.modules():
+        attrs = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
+        contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in (dict, list, set)}
+        saved.append((m, attrs, contents))
+    try:
+        yield
+    finally:
+        for m, attrs, contents in saved:
+            for k in [k for k in vars(m) if k not in _MODULE_INTERNALS and k not in attrs]:
+                delattr(m, k)
+            for k, v in attrs.items():
+                if vars(m).get(k) is not v:
+                    object.__setattr__(m, k, v)
+                if k in contents:
+                    v.clear()
+                    (v.extend if isinstance(v, list) else v.update)(contents[k])
+
+
 def trace_model(model: nn.Module, leaf_types: Iterable[type] = ()) -> tuple[torch.fx.GraphModule | None, str]:
     """Symbolically trace ``model`` with timm's leaf modules/functions plus ``leaf_types`` as leaves.
 
@@ -304,7 +371,8 @@ def trace_model(model: nn.Module, leaf_types: Iterable[type] = ()) -> tuple[torc
 
     try:
         tracer = _Tracer()
-        graph = tracer.trace(model, concrete_args=_default_args(model))
+        with trace_side_effects_undone(model):
+            graph = tracer.trace(model, concrete_args=_default_args(model))
         # the default class name: torch.fx makes a class per GraphModule, and one named after the model's own class
         # would put that name among the torch classes a rule may name (parc_surgery.types' allow-list)
         return torch.fx.GraphModule(tracer.root, graph), ""

@@ -30,7 +30,7 @@ __all__ = [
     "validate_type_name",
 ]
 
-ALLOWED_PACKAGES = ("torch", "timm", "torchvision", "parc_surgery")
+ALLOWED_PACKAGES = ("torch", "timm", "torchvision", "transformers", "parc_surgery")
 
 _REGISTERED: set[type] = set()
 _BARE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -167,6 +167,8 @@ def validate_type_name(name: str) -> None:
             f"{name!r} is outside the allow-list: rules may only name nn.Module classes from "
             f"{', '.join(ALLOWED_PACKAGES)} or classes registered with parc_surgery.types.register_type()"
         )
+    if "." in name and name.rpartition(".")[0] not in sys.modules:
+        return  # its module is not imported, so no model can hold the class: nothing to check it against yet
     for refresh in (False, True):  # a miss re-walks once: classes may have been defined since
         table = known_type_names(refresh=refresh)
         if "." in name:

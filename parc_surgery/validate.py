@@ -1,18 +1,23 @@
 """Checks run on a converted model, each recorded as a ``Check`` in the report.
 
-* ``output_shape``: same output shape as the original at the input size;
-* ``output_shape_non_square``: the same at a second, non-square size (n/a when the original itself
+* ``output_shape``: every tensor of the output (a tensor, tuple, dict or ``transformers`` ``ModelOutput``:
+  :mod:`parc_surgery.outputs`) has the original's shape at the input size;
+* ``output_structure``: the converted model returns the same structure as the original (same container
+  types, keys, ``None`` entries and tensor ranks), at both sizes;
+* ``output_shape_non_square``: the same shapes at a second, non-square size (n/a when the original itself
   does not run there, e.g. a fixed-size ViT);
-* ``finite``: outputs are finite at both sizes;
+* ``finite``: every floating output tensor is finite at both sizes;
 * ``target_shapes``: every replaced module's input/output shapes equal those of the module it replaced;
 * ``spatial_vs_fft``: every ParC layer's output on ``spatial`` and on ``fft`` agree to 1e-4 on the input
   it received in the model (relative to the output's largest magnitude; 4 ulps for float16 / bfloat16
   models), and the model runs with every ParC on ``fft``. Judged per layer: a deep network at random init
   amplifies float32 rounding (EfficientNetV2 at 128 px: layers agree to 2e-7, outputs to 1.5e-2); the whole
-  model's difference is reported alongside;
+  model's difference (the largest over the output tensors) is reported alongside;
 * ``traced_vs_eager``: where the original traced with torch.fx, the converted model traces too (in eval
-  mode, as Python branches on ``self.training`` are fixed at trace time) and its traced output equals the
-  eager one.
+  mode, as Python branches on ``self.training`` are fixed at trace time) and every traced output tensor
+  equals the eager one.
+
+The ``preserved`` check (nothing of the input lost without a record) is :mod:`parc_surgery.preserved`.
 
 All forwards run in eval mode without grad; training flags and ParC impls are restored afterwards.
 The forward at the input size runs every ParC on ``spatial`` and is the spatial side of ``spatial_vs_fft``
@@ -24,12 +29,14 @@ On the meta device only the shape checks run (the numeric ones are recorded as n
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 from torch import nn
 
 from .ops import ParC
 from .ops.parc import use_impl
+from .outputs import output_structure, tensor_leaves
 from .plan import PlannedTarget
 from .probe import _first_tensor, trace_model
 from .report import Check
@@ -62,11 +69,11 @@ def _eval(model: nn.Module):
             m.training = f
 
 
-def eval_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """``model(x)`` in eval mode without grad; ``None`` if the model fails at this input."""
+def eval_forward(model: nn.Module, x: torch.Tensor) -> Any:
+    """``model(x)`` (the whole output) in eval mode without grad; ``None`` if the model fails at this input."""
     try:
         with _eval(model):
-            return _first_tensor(model(x))
+            return model(x)
     except Exception:
         return None
 
@@ -94,8 +101,43 @@ def _layer_agreement(inputs: list[tuple[ParC, torch.Tensor]]) -> float:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    if not a.is_floating_point():
+        return 0.0 if torch.equal(a, b) else float("inf")
     scale = float(a.abs().max()) or 1.0
     return float((a.double() - b.double()).abs().max()) / scale
+
+
+def _rel_out(a: Any, b: Any) -> float:
+    """The largest :func:`_rel` over two outputs' tensors (``inf`` when their tensors do not pair up)."""
+    la, lb = tensor_leaves(a), tensor_leaves(b)
+    if len(la) != len(lb) or any(x.shape != y.shape for (_, x), (_, y) in zip(la, lb)):
+        return float("inf")
+    return max((_rel(x, y) for (_, x), (_, y) in zip(la, lb)), default=0.0)
+
+
+def _shapes(out: Any) -> list[tuple[str, tuple[int, ...]]]:
+    return [(p, tuple(t.shape)) for p, t in tensor_leaves(out)]
+
+
+def _compare_shapes(y: Any, ref: Any) -> tuple[bool, str]:
+    """Whether every output tensor has the original's shape, and the detail saying so (or the first mismatch)."""
+    got, want = _shapes(y), _shapes(ref)
+    if not want:
+        return False, "the original output holds no tensor"
+    if [p for p, _ in got] != [p for p, _ in want]:
+        return False, f"output tensors {[p for p, _ in got][:4]} != original {[p for p, _ in want][:4]}"
+    bad = [f"{p}: {a} != original {b}" for (p, a), (_, b) in zip(got, want) if a != b]
+    if bad:
+        return False, "; ".join(bad[:3])
+    if len(got) == 1:
+        return True, f"{got[0][1]} == original {want[0][1]}"
+    return True, f"all {len(got)} output tensors keep their shapes (first {got[0][0]}: {got[0][1]})"
+
+
+def _finite(out: Any) -> bool:
+    return all(bool(torch.isfinite(t).all()) for _, t in tensor_leaves(out) if t.is_floating_point())
 
 
 def validate_model(
@@ -104,11 +146,12 @@ def validate_model(
     *,
     x: torch.Tensor,
     x2: torch.Tensor,
-    ref: torch.Tensor | None,
-    ref2: torch.Tensor | None,
+    ref: Any,
+    ref2: Any,
     original_traced: bool,
     leaf_types: tuple[type, ...] = (),
 ) -> list[Check]:
+    """The checks of the module docstring; ``ref`` / ``ref2`` are the original's whole outputs at ``x`` / ``x2``."""
     checks: list[Check] = []
     meta = x.device.type == "meta"
     # target shapes, recorded by hooks during the first forward
@@ -120,7 +163,9 @@ def validate_model(
         def hook(m, args, out, _name=t.name):
             a = _first_tensor(args)
             o = _first_tensor(out)
-            seen.setdefault(_name, []).append((tuple(a.shape) if a is not None else None, tuple(o.shape)))
+            seen.setdefault(_name, []).append(
+                (tuple(a.shape) if a is not None else None, tuple(o.shape) if o is not None else None)
+            )
 
         handles.append(mod.register_forward_hook(hook))
     parc_inputs: list[tuple[ParC, torch.Tensor]] = []  # each ParC's input in the first forward (the first call)
@@ -135,20 +180,28 @@ def validate_model(
     try:
         try:  # every ParC on ``spatial``: this forward is also the spatial side of ``spatial_vs_fft``
             with _eval(new), use_impl(new, "spatial"):
-                y = _first_tensor(new(x))
+                y = new(x)
             err = ""
         except Exception as e:
             y, err = None, f"{type(e).__name__}: {e}"
     finally:
         for h in handles:
             h.remove()
-    ok = y is not None and ref is not None and tuple(y.shape) == tuple(ref.shape)
-    detail = (
-        f"{tuple(y.shape)} == original {tuple(ref.shape)}"
-        if ok
-        else f"converted model: {err or (y.shape if y is not None else None)}"
-    )
+    ran = y is not None or not err
+    ok, detail = _compare_shapes(y, ref) if ran else (False, f"converted model: {err}")
     checks.append(Check("output_shape", ok, f"at {tuple(x.shape[2:])}: {detail}"))
+    y2 = eval_forward(new, x2) if ref2 is not None else None
+    structures = [(tuple(x.shape[2:]), output_structure(y) if ran else None, output_structure(ref))]
+    if ref2 is not None:
+        structures.append((tuple(x2.shape[2:]), output_structure(y2), output_structure(ref2)))
+    bad = [f"at {s}: {a} != original {b}" for s, a, b in structures if a != b]
+    checks.append(
+        Check(
+            "output_structure",
+            ran and not bad,
+            "; ".join(bad) if bad else f"the original's structure at every size: {structures[0][2]}",
+        )
+    )
     bad = []
     for t in targets:
         calls = seen.get(t.name, [])
@@ -158,47 +211,39 @@ def validate_model(
     checks.append(
         Check(
             "target_shapes",
-            y is not None and not bad,
+            ran and not bad,
             f"all {len(targets)} targets keep their input/output shapes" if not bad else "; ".join(bad[:5]),
         )
     )
-    y2 = eval_forward(new, x2) if ref2 is not None else None
     if ref2 is None:
         checks.append(
             Check("output_shape_non_square", True, f"n/a: the original model does not run at {tuple(x2.shape[2:])}")
         )
     else:
-        ok2 = y2 is not None and tuple(y2.shape) == tuple(ref2.shape)
-        checks.append(
-            Check(
-                "output_shape_non_square",
-                ok2,
-                f"at {tuple(x2.shape[2:])}: {tuple(y2.shape) if y2 is not None else 'failed'} vs original "
-                f"{tuple(ref2.shape)}",
-            )
-        )
+        ok2, detail2 = _compare_shapes(y2, ref2) if y2 is not None else (False, "the converted model fails")
+        checks.append(Check("output_shape_non_square", ok2, f"at {tuple(x2.shape[2:])}: {detail2}"))
     if meta:
         for name in ("finite", "spatial_vs_fft", "traced_vs_eager"):
             checks.append(Check(name, True, "n/a: meta device (shapes only, no values)"))
         return checks
-    finite = y is not None and bool(torch.isfinite(y).all()) and (y2 is None or bool(torch.isfinite(y2).all()))
+    finite = ran and _finite(y) and (y2 is None or _finite(y2))
     checks.append(Check("finite", finite, "all outputs finite" if finite else "non-finite values in the output"))
-    if y is None or not any(isinstance(m, ParC) for m in new.modules()):
-        checks.append(Check("spatial_vs_fft", y is not None, "n/a: no ParC layers"))
+    if not ran or not any(isinstance(m, ParC) for m in new.modules()):
+        checks.append(Check("spatial_vs_fft", ran, "n/a: no ParC layers"))
     else:
-        ys = y  # the first forward ran every ParC on spatial
         with use_impl(new, "fft"):
             yf = eval_forward(new, x)
-        if ys is None or yf is None:
-            checks.append(Check("spatial_vs_fft", False, "a forward failed with one of the impls"))
+        if yf is None:
+            checks.append(Check("spatial_vs_fft", False, "the forward with every ParC on fft failed"))
         else:
-            r_layer, tol = _layer_agreement(parc_inputs), _tol(RTOL_IMPL, ys.dtype)
+            dtype = next((t.dtype for _, t in tensor_leaves(y) if t.is_floating_point()), torch.float32)
+            r_layer, tol = _layer_agreement(parc_inputs), _tol(RTOL_IMPL, dtype)
             checks.append(
                 Check(
                     "spatial_vs_fft",
                     r_layer <= tol,
                     f"max relative difference per ParC layer {r_layer:.2e} over {len(parc_inputs)} layer(s) "
-                    f"(<= {tol:g}); whole model output {_rel(ys, yf):.2e}",
+                    f"(<= {tol:g}); whole model output {_rel_out(y, yf):.2e}",
                 )
             )
     if not original_traced:
@@ -213,9 +258,10 @@ def validate_model(
         else:
             with use_impl(new, "spatial"):
                 yt = eval_forward(gm, x)
-            if yt is None or y is None:
+            if yt is None or not ran:
                 checks.append(Check("traced_vs_eager", False, "the traced converted model fails to run"))
             else:
-                r, tol = _rel(y, yt), _tol(RTOL_TRACE, y.dtype)
+                dtype = next((t.dtype for _, t in tensor_leaves(y) if t.is_floating_point()), torch.float32)
+                r, tol = _rel_out(y, yt), _tol(RTOL_TRACE, dtype)
                 checks.append(Check("traced_vs_eager", r <= tol, f"max relative difference {r:.2e} (<= {tol:g})"))
     return checks

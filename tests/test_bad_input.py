@@ -32,7 +32,7 @@ from toy_models import (
 )
 
 import parc_surgery as ps
-from parc_surgery import io as pio
+from parc_surgery import checkpoint as pio
 from parc_surgery.blocks import register_block, unregister_block
 from parc_surgery.errors import (
     CheckpointError,
@@ -306,7 +306,7 @@ def test_empty_file_directory_and_huge_header(tmp_path):
         (lambda m: m["model"]["args"].update(checkpoint_path="/etc/passwd"), "never honoured"),
         (lambda m: m["steps"][0]["rule"].update(text="!!python/object/apply:os.system ['true']"), "no longer applies"),
         (lambda m: m.update(steps="all of them"), "malformed"),
-        (lambda m: m["model"].update(name="os.system"), "not in timm's registry"),
+        (lambda m: m["model"].update(name="os.system"), "unknown timm model 'os.system'"),
     ],
 )
 def test_tampered_manifests_are_refused(saved, tmp_path, edit, match):

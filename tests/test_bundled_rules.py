@@ -31,6 +31,10 @@ FIGURES = {
                              0.3020, 0),
     "parc_convnext_xt": (lambda: timm.models.ConvNeXt(depths=(3, 3, 9, 3), dims=(48, 96, 192, 384)), "convnext_parc",
                          224, 7_412_824, 0, 1.1392, 0),
+    "parc_deit_tiny": (lambda: timm.create_model("deit_tiny_patch16_224"), "vit_attention2parc", 224, 4_957_096, 0,
+                       0.9132, 0),
+    "parc_swin_tiny": (lambda: timm.create_model("swin_tiny_patch4_window7_224"), "attention2parc", 224, 24_066_760,
+                       0, 3.6768, 0),
 }  # fmt: skip
 
 
@@ -69,7 +73,8 @@ def test_mac_count(figure):
         assert abs(got - gmacs) / gmacs <= mtol, (name, got)
     else:  # the table's 4 decimals
         assert round(got, 4) == gmacs, (name, got)
-    assert conv.report.macs_after_fft < conv.report.macs_after  # Fast-ParC counts fewer MACs
+    if name != "parc_swin_tiny":  # Swin's ParCs run along 7-token window axes, where the FFT counts more MACs
+        assert conv.report.macs_after_fft < conv.report.macs_after  # Fast-ParC counts fewer MACs
 
 
 def test_weights_outside_targets_bit_identical(figure):

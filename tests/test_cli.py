@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from parc_surgery import api
-from parc_surgery import io as pio
+from parc_surgery import checkpoint as ckpt
 from parc_surgery.blocks import CarryRecord, register_block, unregister_block
 from parc_surgery.cli import cli
 from parc_surgery.errors import ValidationError
@@ -38,14 +38,14 @@ def converted(tmp_path_factory, request):
     """One real conversion through the CLI with --output and --report; captures the Conversion it saved."""
     d = tmp_path_factory.mktemp("cli")
     captured = {}
-    real_save = pio.save
+    real_save = ckpt.save
 
     def spy(obj, path, **kw):
         captured["conv"] = obj
         return real_save(obj, path, **kw)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(pio, "save", spy)
+    mp.setattr(ckpt, "save", spy)
     try:
         result = run([*R18, "--input-size", "64", "-o", str(d / "m.safetensors"), "--report", str(d / "r.json")])
     finally:
@@ -61,7 +61,7 @@ def test_success_prints_plan_and_audit_and_writes_files(converted):
     result, d, conv = converted
     assert result.exit_code == 0, result.output
     assert "Plan: resnet18 with resnet_parc @ 64x64" in result.stdout
-    assert "layer3.1" in result.stdout and "Checks (6/6 passed)" in result.stdout
+    assert "layer3.1" in result.stdout and "Checks (8/8 passed)" in result.stdout
     assert "wrote model" in result.stderr and "wrote report" in result.stderr
     report = json.loads((d / "r.json").read_text())
     assert report["passed"] is True and report["model"] == "resnet18" and report["input_size"] == [64, 64]
@@ -71,12 +71,14 @@ def test_success_prints_plan_and_audit_and_writes_files(converted):
 
 def test_output_round_trip_is_exact(converted):
     _, d, conv = converted
-    loaded = pio.load(d / "m.safetensors")
+    loaded = ckpt.load(d / "m.safetensors")
     x = torch.randn(2, 3, 64, 64)
     conv.model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), conv.model(x))
-    assert pio.read_manifest(d / "m.safetensors")["model"] == {"name": "resnet18", "args": {"num_classes": 10}}
+    assert ckpt.read_manifest(d / "m.safetensors")["model"] == {
+        "kind": "timm", "name": "resnet18", "args": {"num_classes": 10}
+    }  # fmt: skip
 
 
 def test_existing_output_needs_force(converted):
@@ -113,7 +115,7 @@ def test_saved_file_audit_check_onnx_and_force(converted):
     assert "| onnx | PASS |" in md and "pure convolution: yes" in md and "| loads | PASS |" in md
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(pio.load(copy)(x), pio.load(d / "m.safetensors")(x))
+        assert torch.equal(ckpt.load(copy)(x), ckpt.load(d / "m.safetensors")(x))
 
 
 def test_dry_run_writes_nothing(tmp_path):
@@ -154,7 +156,7 @@ def test_list_rules_and_help():
         ([*R18, "--impl", "fastest"], "Invalid value for '--impl'"),
         (["resnet18"], "missing option --rule"),
         ([], "missing argument MODEL"),
-        (["resnet19", "--rule", "resnet_parc"], "Did you mean: resnet18"),
+        (["resnet19", "--rule", "resnet_parc"], "did you mean: resnet18"),
         ([*R18, "--input-size", "64x"], "--input-size"),
         ([*R18, "--model-arg", "num_classes"], "KEY=VALUE"),
         ([*R18, "--model-arg", "checkpoint_path=/x.pth"], "checkpoint_path"),
@@ -286,8 +288,8 @@ def test_as_a_real_process_every_exit_code(tmp_path):
     )
     code, stdout, stderr = res["ok"]
     assert code == 0, stderr
-    assert "Checks (6/6 passed)" in stdout and "\x1b[" not in stdout  # no colour codes in a pipe
-    model = pio.load(tmp_path / "m.safetensors")
+    assert "Checks (8/8 passed)" in stdout and "\x1b[" not in stdout  # no colour codes in a pipe
+    model = ckpt.load(tmp_path / "m.safetensors")
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 48)).shape == (1, 1000)
     code, _, stderr = res["exists"]

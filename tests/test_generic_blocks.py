@@ -10,6 +10,7 @@ from toy_models import (
     ChannelsLastAttention,
     GroupedStageNet,
     HybridNet,
+    LatentPool,
     MaskArgNet,
     OddWidthNet,
     TokenAttention,
@@ -21,7 +22,8 @@ from toy_models import (
 import parc_surgery as ps
 from parc_surgery import NoMatchError, ParC
 from parc_surgery.blocks import BlockContext, get_block
-from parc_surgery.blocks.generic_mixer import ParCMixer, infer_layout
+from parc_surgery.blocks.attention_mixer import ParCMixer
+from parc_surgery.blocks.token_mixer import infer_layout
 from parc_surgery.probe import example_input, probe_model, trace_model
 
 
@@ -117,22 +119,22 @@ def test_layout_inference_and_refusals():
     assert infer_layout(TokenAttention(8), (1, 17, 8)) == "tokens"
     with pytest.raises(ps.UnsupportedTargetError, match="5-D"):
         infer_layout(TokenAttention(8), (1, 2, 3, 4, 8))
-    ctx = BlockContext((4, 4), options={"source_in_shape": (1, 17, 8), "source_out_shape": (1, 1, 8)})
-    with pytest.raises(ps.UnsupportedTargetError, match="no token mixer"):
-        ParCMixer.check_source(TokenAttention(8), ctx)
-    with pytest.raises(ps.UnsupportedTargetError, match="recorded input / output shape"):
-        ParCMixer.check_source(TokenAttention(8), BlockContext((4, 4)))
+    # attention pooling (fewer tokens out than in) is no token mixer
+    ctx = BlockContext((4, 4), source_in_shape=(1, 17, 8))
+    with pytest.raises(ps.UnsupportedTargetError, match="no attention token mixer"):
+        ParCMixer.check_source(LatentPool(8), ctx)
+    ParCMixer.check_source(TokenAttention(8), BlockContext((4, 4)))  # probed on (1, 16, 8) tokens
 
 
 def test_prime_token_count_falls_back_to_a_line():
-    ctx = BlockContext((4, 4), options={"source_in_shape": (2, 16, 8), "source_out_shape": (2, 16, 8)})
+    ctx = BlockContext((4, 4), source_in_shape=(2, 16, 8), source_out_shape=(2, 16, 8))
     block, _ = ParCMixer.from_module(TokenAttention(8), ctx)
     y = _eval(block, torch.randn(2, 7, 8))  # 7 patch tokens: no 2-D grid near 4x4
     assert y.shape == (2, 7, 8) and torch.isfinite(y).all()
 
 
 def test_tuple_returning_attention_is_left_out_with_a_reason():
-    with pytest.raises(NoMatchError, match=r"left out.*returns a tuple"):
+    with pytest.raises(NoMatchError, match=r"left out.*it returns 8, 8 besides its output"):
         ps.convert(TupleAttentionNet(), "attention2parc", input_size=32)
 
 
@@ -190,7 +192,7 @@ def test_parc_conv_refuses_blocks_without_exactly_one_spatial_conv():
         cls.check_source(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)), ctx)
     ok = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
     cls.check_source(ok, ctx)
-    moved = BlockContext((4, 4), options={"source_in_shape": (1, 4, 8, 8), "source_out_shape": (1, 4, 4, 4)})
+    moved = BlockContext((4, 4), source_in_shape=(1, 4, 8, 8), source_out_shape=(1, 4, 4, 4))
     with pytest.raises(ps.UnsupportedTargetError, match="keep the spatial size"):
         cls.check_source(ok, moved)
 

@@ -25,7 +25,7 @@ from torch import nn
 from toy_models import DictStageNet, FixedSizeNet, HybridNet, OddWidthNet, ToyViT
 
 import parc_surgery as ps
-from parc_surgery import io as pio
+from parc_surgery import checkpoint as pio
 from parc_surgery.errors import CheckpointError, ParcSurgeryError, RuleError
 
 LAST = {

@@ -96,7 +96,7 @@ def test_bundled_rule_contents():
     (t,) = vit.targets
     assert (t.block, t.select.types, t.options.pe, t.options.init) == (
         "parcnet",
-        ("MobileVitBlock",),
+        ("MobileVitBlock", "transformers.models.mobilevit.modeling_mobilevit.MobileViTLayer"),
         "all",
         "warm_start",
     )

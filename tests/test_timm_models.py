@@ -8,7 +8,7 @@ import torch
 
 import parc_surgery
 import parc_surgery.timm_models  # a no-op once parc_surgery's __init__ imports it
-from parc_surgery import io as pio
+from parc_surgery import checkpoint as pio
 from parc_surgery.errors import ConfigError
 from parc_surgery.ops import ParC
 
@@ -85,7 +85,7 @@ def test_save_and_load_a_registered_model(tmp_path):
     model = timm.create_model("parcnet_xxs", num_classes=5).eval()
     path = pio.save(model, tmp_path / "p.safetensors")
     m = pio.read_manifest(path)
-    assert m["model"] == {"name": "parcnet_xxs", "args": {"num_classes": 5}} and m["steps"] == []
+    assert m["model"] == {"kind": "timm", "name": "parcnet_xxs", "args": {"num_classes": 5}} and m["steps"] == []
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(pio.load(path)(x), model(x))

@@ -2,8 +2,9 @@
 
 ``parc_bottleneck`` replaces timm's / torchvision's ``Bottleneck``: ``conv2`` (the 3x3) becomes a
 :class:`ParCSplit` with *dense* (channel-mixing within each half) ParC, bias, and PE per the rule;
-``conv1/bn1/act1, bn2, drop_block/act2/aa, conv3/bn3, se, act3, downsample, drop_path`` are kept
-and the forward is the source class's own. ParC-ResNet50 replaces ``layer3.3-5`` (K = 14 at 224)
+``conv1/bn1/act1, bn2, drop_block/act2/aa, conv3/bn3, se, act3, downsample, drop_path`` are kept:
+the result is a copy of the source block (its own class and forward, :mod:`.conv_swap`).
+ParC-ResNet50 replaces ``layer3.3-5`` (K = 14 at 224)
 and ``layer4.2`` (K = 7).
 
 ``parc_basic_block`` applies the same rule to ``BasicBlock`` (ResNet18/34): its second 3x3 conv
@@ -24,8 +25,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._fold import ParCConvBlock
-from ._registry import register_block
+from ._registry import BlockContext, register_block
+from .conv_swap import ParCConvBlock
 
 __all__ = ["ParCBasicBlock", "ParCBottleneck"]
 
@@ -44,8 +45,8 @@ def _downsamples_through_aa(module: nn.Module) -> str | None:
 class ParCBottleneck(ParCConvBlock):
     """ResNet bottleneck with its 3x3 ``conv2`` replaced by a dense, biased :class:`ParCSplit`.
 
-    Build with ``ParCBottleneck(source, kernel_hw=(K_h, K_w), pe=True, impl="auto", init="warm_start")``
-    or ``from_module(source, ctx)``; see :class:`parc_surgery.blocks._fold.ParCConvBlock`.
+    ``from_module(source, ctx)`` returns a copy of ``source`` with ``conv2`` swapped
+    (:class:`parc_surgery.blocks.conv_swap.ParCConvBlock`).
     """
 
     replaces = ("timm.models.resnet.Bottleneck", "torchvision.models.resnet.Bottleneck")
@@ -53,11 +54,11 @@ class ParCBottleneck(ParCConvBlock):
     conv_role = "3x3 conv"
 
     @classmethod
-    def conv_path(cls, module: nn.Module) -> str:
+    def conv_path(cls, module: nn.Module, ctx: BlockContext) -> str:
         return "conv2"
 
     @classmethod
-    def source_problem(cls, module: nn.Module) -> str | None:
+    def source_problem(cls, module: nn.Module, ctx: BlockContext) -> str | None:
         return _downsamples_through_aa(module)
 
 
@@ -74,11 +75,11 @@ class ParCBasicBlock(ParCConvBlock):
     conv_role = "second 3x3 conv"
 
     @classmethod
-    def conv_path(cls, module: nn.Module) -> str:
+    def conv_path(cls, module: nn.Module, ctx: BlockContext) -> str:
         return "conv2"
 
     @classmethod
-    def source_problem(cls, module: nn.Module) -> str | None:
+    def source_problem(cls, module: nn.Module, ctx: BlockContext) -> str | None:
         conv1 = getattr(module, "conv1", None)
         stride = tuple(getattr(conv1, "stride", (1, 1)))
         if stride != (1, 1):

@@ -4,7 +4,7 @@
 depthwise conv (timm ``conv_dw``, torchvision ``block[0]``) becomes a depthwise :class:`ParCSplit`
 (height ParC on the first half of the channels ‖ width ParC on the second half) with bias and PE
 per the rule; the conv bias is carried into the ParC biases. Norm, MLP, layer scale (``gamma`` /
-``layer_scale``), shortcut and drop path are kept and the forward is the source class's own.
+``layer_scale``), shortcut and drop path are kept: the result is a copy of the source block (its own class and forward).
 ParC-ConvNeXt replaces the last third of the last two stages (``stages.2.blocks.6-8`` with K = 14
 at 224, ``stages.3.blocks.2`` with K = 7 for depths 3/3/9/3), PE in every replaced block.
 
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._fold import ParCConvBlock
-from ._registry import register_block
+from ._registry import BlockContext, register_block
+from .conv_swap import ParCConvBlock
 
 __all__ = ["ParCConvNeXtBlock"]
 
@@ -36,8 +36,8 @@ __all__ = ["ParCConvNeXtBlock"]
 class ParCConvNeXtBlock(ParCConvBlock):
     """ConvNeXt block with its 7x7 depthwise conv replaced by a depthwise, biased :class:`ParCSplit`.
 
-    Build with ``ParCConvNeXtBlock(source, kernel_hw=(K_h, K_w), pe=True, impl="auto", init="warm_start")``
-    or ``from_module(source, ctx)``; see :class:`parc_surgery.blocks._fold.ParCConvBlock`.
+    ``from_module(source, ctx)`` returns a copy of ``source`` with its depthwise conv swapped
+    (:class:`parc_surgery.blocks.conv_swap.ParCConvBlock`).
     """
 
     replaces = ("timm.models.convnext.ConvNeXtBlock", "torchvision.models.convnext.CNBlock")
@@ -45,13 +45,13 @@ class ParCConvNeXtBlock(ParCConvBlock):
     conv_role = "depthwise conv"
 
     @classmethod
-    def conv_path(cls, module: nn.Module) -> str:
+    def conv_path(cls, module: nn.Module, ctx: BlockContext) -> str:
         if isinstance(getattr(module, "block", None), nn.Sequential):  # torchvision CNBlock
             return "block.0"
         return "conv_dw"
 
     @classmethod
-    def source_problem(cls, module: nn.Module) -> str | None:
+    def source_problem(cls, module: nn.Module, ctx: BlockContext) -> str | None:
         shortcut = getattr(module, "shortcut", None)
         if shortcut is not None and not isinstance(shortcut, nn.Identity):
             return "its shortcut resamples (stride or channel change); only identity-shortcut blocks can be replaced"

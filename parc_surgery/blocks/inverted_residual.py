@@ -5,7 +5,8 @@ and torchvision's MobileNetV2 ``InvertedResidual``: the depthwise conv (timm ``c
 torchvision ``conv[-3][0]``) becomes a depthwise :class:`ParCSplit` (height ParC on the first half
 of the channels ‖ width ParC on the second half) with bias, and PE per the rule. Everything else
 (pointwise conv, ``bn1``, ``bn2`` after the depthwise conv, SE, ``conv_pwl``, ``bn3``, skip, drop
-path) is kept and the forward is the source class's own. ParC-MobileNetV2 replaces ``blocks.3.2``,
+path) is kept: the result is a copy of the source block (its own class and forward).
+ParC-MobileNetV2 replaces ``blocks.3.2``,
 ``3.3``, ``4.2`` (K = 14 at 224) and ``5.2`` (K = 7), with PE in the first ParC block of each stage.
 
 Strided depthwise convs, anti-aliased or space-to-depth blocks and grouped (non-depthwise) convs
@@ -22,8 +23,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._fold import ParCConvBlock, dotted_name
-from ._registry import register_block
+from ._fold import dotted_name
+from ._registry import BlockContext, register_block
+from .conv_swap import ParCConvBlock
 
 __all__ = ["ParCInvertedResidual"]
 
@@ -32,8 +34,8 @@ __all__ = ["ParCInvertedResidual"]
 class ParCInvertedResidual(ParCConvBlock):
     """Inverted residual with its depthwise conv replaced by a depthwise, biased :class:`ParCSplit`.
 
-    Build with ``ParCInvertedResidual(source, kernel_hw=(K_h, K_w), pe=True, impl="auto",
-    init="warm_start")`` or ``from_module(source, ctx)``; see :class:`parc_surgery.blocks._fold.ParCConvBlock`.
+    ``from_module(source, ctx)`` returns a copy of ``source`` with its depthwise conv swapped
+    (:class:`parc_surgery.blocks.conv_swap.ParCConvBlock`).
     """
 
     replaces = (
@@ -44,13 +46,13 @@ class ParCInvertedResidual(ParCConvBlock):
     conv_role = "depthwise conv"
 
     @classmethod
-    def conv_path(cls, module: nn.Module) -> str:
+    def conv_path(cls, module: nn.Module, ctx: BlockContext) -> str:
         if isinstance(getattr(module, "conv", None), nn.Sequential):  # torchvision: [pw], dw, pwl, bn
             return f"conv.{len(module.conv) - 3}.0"
         return "conv_dw"
 
     @classmethod
-    def source_problem(cls, module: nn.Module) -> str | None:
+    def source_problem(cls, module: nn.Module, ctx: BlockContext) -> str | None:
         if getattr(module, "conv_s2d", None) is not None:
             return "it downsamples with a space-to-depth conv 'conv_s2d'; ParC keeps the spatial size"
         aa = getattr(module, "aa", None)

@@ -6,6 +6,7 @@ ParC-Net-S is MobileViT-S with each MobileViT block's transformer swapped for Pa
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from ..errors import UnsupportedTargetError
 from ._carry import CarryBuilder, CarryRecord
-from ._registry import BlockContext, register_block
+from ._registry import BlockContext, ReplacementBlock, register_block
 from .metaformer import ParCMetaFormerBlock, _kernel_pair, init_conv_fan_out
 
 __all__ = ["ParCNetBlock"]
@@ -24,7 +25,7 @@ DEFAULT_WIDTH_MULT = 4 / 3  # ParC-Net-S global widths relative to MobileViT-S's
 
 
 @register_block("parcnet")
-class ParCNetBlock(nn.Module):
+class ParCNetBlock(ReplacementBlock):
     """ParC-Net block: local convs, ParC-MetaFormer blocks, projection back and fusion with the input.
 
     For input channels ``c_in``, output channels ``c`` and global width ``D``::
@@ -44,7 +45,10 @@ class ParCNetBlock(nn.Module):
     fusion conv either.
     """
 
-    replaces = ("timm.models.mobilevit.MobileVitBlock",)
+    replaces = (
+        "timm.models.mobilevit.MobileVitBlock",
+        "transformers.models.mobilevit.modeling_mobilevit.MobileViTLayer",
+    )
 
     def __init__(
         self,
@@ -81,32 +85,26 @@ class ParCNetBlock(nn.Module):
         for m in (self.conv_kxk, self.conv_1x1, self.conv_proj, self.conv_fusion):
             if m is not None:
                 init_conv_fan_out(m)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.conv_1x1(self.conv_kxk(x))
-        x = self.norm(self.blocks(x))
-        x = self.conv_proj(x)
-        if self.conv_fusion is not None:
-            x = self.conv_fusion(torch.cat([x, shortcut], dim=1))
-        return x
+        self.downsampling_layer: nn.Module | None = None  # a transformers MobileViTLayer's strided first block
 
     @classmethod
     def check_source(cls, module: nn.Module, ctx: BlockContext) -> None:
-        """Accept a timm ``MobileVitBlock`` with a stride-1 local conv and a transformer of >= 1 blocks."""
-        if not isinstance(module, MobileVitBlock):
+        """Accept a MobileViT (v1) block (timm ``MobileVitBlock``, ``transformers`` ``MobileViTLayer``) with a
+        stride-1 local conv and a transformer of >= 1 blocks."""
+        src = _MobileViTParts.of(module)
+        if src is None:
             raise UnsupportedTargetError(
-                f"parcnet replaces timm MobileVitBlock (MobileViT v1) modules, not {type(module).__name__}; "
-                f"select the model's MobileViT blocks (e.g. mobilevit_s 'stages.2.1', 'stages.3.1', 'stages.4.1')"
+                f"parcnet replaces MobileViT (v1) blocks (timm MobileVitBlock, transformers MobileViTLayer), not "
+                f"{type(module).__name__}; select the model's MobileViT blocks (e.g. mobilevit_s 'stages.2.1', "
+                f"'stages.3.1', 'stages.4.1')"
             )
-        conv = module.conv_kxk.conv
-        if tuple(conv.stride) != (1, 1):
+        if tuple(src.kxk.stride) != (1, 1):
             raise UnsupportedTargetError(
-                f"parcnet: MobileVitBlock with a strided local conv (stride {tuple(conv.stride)}) is not supported"
+                f"parcnet: MobileViT block with a strided local conv (stride {tuple(src.kxk.stride)}) is not supported"
             )
-        if len(module.transformer) < 1:
-            raise UnsupportedTargetError("parcnet: MobileVitBlock has an empty transformer (depth 0)")
-        d = module.conv_1x1.out_channels
+        if src.depth < 1:
+            raise UnsupportedTargetError("parcnet: the MobileViT block has an empty transformer (depth 0)")
+        d = src.c1x1.out_channels
         dim = _global_width(d, ctx)
         if dim % 2:
             raise UnsupportedTargetError(
@@ -118,7 +116,7 @@ class ParCNetBlock(nn.Module):
                 f"parcnet: global width {dim} (transformer width {d} x width_mult {_width_mult(ctx):g}) is too "
                 f"small for the ParC-MetaFormer channel attention (needs >= 16); raise width_mult"
             )
-        _kernel_pair(ctx.kernel_hw, "parcnet (BlockContext.kernel_size)")
+        _kernel_pair(_kernel(src, ctx), "parcnet (BlockContext.kernel_size)")
 
     @classmethod
     @torch.no_grad()
@@ -129,27 +127,30 @@ class ParCNetBlock(nn.Module):
         ``cat(input, global)``, ParC-Net ``cat(global, input)``), the fusion and projection BatchNorms
         (``kept``, with running statistics), and the local conv / its BN and the 1x1 conv when their
         shapes happen to match (only with unusual widths). Everything else (transformer, LayerNorm,
-        the grouped local and projection convs) has no counterpart: ``dropped`` / ``new``.
+        the grouped local and projection convs) has no counterpart: ``dropped`` / ``new``. A
+        ``transformers`` ``MobileViTLayer`` holds the stage's strided inverted residual too: it is kept, as
+        ``downsampling_layer``, and runs first.
 
         ``ctx.init``: MobileViT has no convolution that could be folded into a ParC kernel, so
         ``warm_start`` and ``reference`` give the same result: the published initialisation for every
         new part (PE N(0, 1), ParC kernels U(-1/sqrt(K), 1/sqrt(K)), convs N(0, 2/fan_out), BN 1/0).
         """
         cls.check_source(module, ctx)
+        src = _MobileViTParts.of(module)
         p = next(module.parameters())
-        c_in = module.conv_kxk.conv.in_channels
-        c_out = module.conv_proj.conv.out_channels
-        d = module.conv_1x1.out_channels
+        c_in = src.kxk.in_channels
+        c_out = src.proj[0].out_channels
+        d = src.c1x1.out_channels
         dim = _global_width(d, ctx)
-        fusion = module.conv_fusion is not None
+        fusion = src.fusion is not None
         block = cls(
             c_in,
             c_out,
             dim,
-            depth=len(module.transformer),
-            kernel_hw=ctx.kernel_hw,
+            depth=src.depth,
+            kernel_hw=_kernel(src, ctx),
             pe=ctx.pe,
-            kernel_size=module.conv_kxk.conv.kernel_size[0],
+            kernel_size=src.kxk.kernel_size[0],
             fusion=fusion,
             impl=ctx.impl,
             device=p.device,
@@ -157,25 +158,81 @@ class ParCNetBlock(nn.Module):
         )
         block.train(module.training)
         carry = CarryBuilder()
-        if _same_shapes(block.conv_kxk.conv, module.conv_kxk.conv):
-            carry.copy(block.conv_kxk, "conv_kxk.", module.conv_kxk, "conv_kxk.")
-        if _same_shapes(block.conv_1x1, module.conv_1x1):
-            carry.copy(block.conv_1x1, "conv_1x1.", module.conv_1x1, "conv_1x1.")
-        if _same_shapes(block.conv_proj.conv, module.conv_proj.conv):
-            carry.copy(block.conv_proj, "conv_proj.", module.conv_proj, "conv_proj.")
-        else:
-            carry.copy(block.conv_proj.bn, "conv_proj.bn.", module.conv_proj.bn, "conv_proj.bn.")
+        if src.down is not None:
+            block.downsampling_layer = copy.deepcopy(src.down)
+            carry.copy(block.downsampling_layer, "downsampling_layer.", src.down, "downsampling_layer.")
+        pairs = ((block.conv_kxk.conv, block.conv_kxk.bn, src.kxk, src.kxk_bn, "conv_kxk"),
+                 (block.conv_1x1, None, src.c1x1, None, "conv_1x1"))  # fmt: skip
+        for conv, bn, old, old_bn, name in pairs:
+            if _same_shapes(conv, old) and (bn is None) == (old_bn is None):
+                carry.copy(conv, f"{name}.conv." if bn is not None else f"{name}.", old, src.names[old])
+                if bn is not None:
+                    carry.copy(bn, f"{name}.bn.", old_bn, src.names[old_bn])
+        pconv, pbn = src.proj
+        if _same_shapes(block.conv_proj.conv, pconv):
+            carry.copy(block.conv_proj.conv, "conv_proj.conv.", pconv, src.names[pconv])
+        carry.copy(block.conv_proj.bn, "conv_proj.bn.", pbn, src.names[pbn])
         if fusion:
-            w = module.conv_fusion.conv.weight
+            fconv, fbn = src.fusion
+            w = fconv.weight
             block.conv_fusion.conv.weight.copy_(torch.cat([w[:, c_in:], w[:, :c_in]], dim=1))
             carry.transform(
                 "conv_fusion.conv.weight",
-                ["conv_fusion.conv.weight"],
+                [src.names[fconv] + "weight"],
                 f"input channel halves swapped: MobileViT fuses cat(input[{c_in}], global[{c_out}]), "
                 f"ParC-Net fuses cat(global, input)",
             )
-            carry.copy(block.conv_fusion.bn, "conv_fusion.bn.", module.conv_fusion.bn, "conv_fusion.bn.")
-        return block, carry.finish(block, module)
+            carry.copy(block.conv_fusion.bn, "conv_fusion.bn.", fbn, src.names[fbn])
+        # the whole MobileViT block is replaced by design: what has no counterpart is dropped (transformer, ...)
+        return block, carry.finish(block, module, drop_unused=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsampling_layer is not None:
+            x = self.downsampling_layer(x)
+        shortcut = x
+        x = self.conv_1x1(self.conv_kxk(x))
+        x = self.norm(self.blocks(x))
+        x = self.conv_proj(x)
+        if self.conv_fusion is not None:
+            x = self.conv_fusion(torch.cat([x, shortcut], dim=1))
+        return x
+
+
+class _MobileViTParts:
+    """The parts of a MobileViT (v1) block, whichever library built it, with their names inside it."""
+
+    def __init__(self, module, down, kxk, kxk_bn, c1x1, depth, proj, fusion):
+        self.down, self.kxk, self.kxk_bn, self.c1x1, self.depth, self.proj, self.fusion = (
+            down, kxk, kxk_bn, c1x1, depth, proj, fusion,
+        )  # fmt: skip
+        self.names = {m: n + "." for n, m in module.named_modules() if n}
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _MobileViTParts | None:
+        if isinstance(module, MobileVitBlock):
+            f = module.conv_fusion
+            return cls(module, None, module.conv_kxk.conv, module.conv_kxk.bn, module.conv_1x1,
+                       len(module.transformer), (module.conv_proj.conv, module.conv_proj.bn),
+                       None if f is None else (f.conv, f.bn))  # fmt: skip
+        if type(module).__name__ == "MobileViTLayer" and type(module).__module__.startswith("transformers."):
+
+            def cna(m):
+                return m.convolution, getattr(m, "normalization", None)
+
+            kxk, kxk_bn = cna(module.conv_kxk)
+            return cls(module, module.downsampling_layer, kxk, kxk_bn, module.conv_1x1.convolution,
+                       len(module.transformer.layer), cna(module.conv_projection), cna(module.fusion))  # fmt: skip
+        return None
+
+
+def _kernel(src: _MobileViTParts, ctx: BlockContext) -> tuple[int, int]:
+    """``kernel_size: auto`` is the feature size the ParC blocks see: after a strided downsampling layer, halved."""
+    if ctx.kernel_size is not None or src.down is None:
+        return ctx.kernel_hw
+    out = ctx.source_out_shape
+    if out is not None and len(out) == 4:
+        return int(out[2]), int(out[3])
+    return tuple(max(1, -(-k // 2)) for k in ctx.kernel_hw)
 
 
 def _width_mult(ctx: BlockContext) -> float:

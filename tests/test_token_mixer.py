@@ -12,7 +12,8 @@ from timm.layers import Attention
 from torch import nn
 
 from parc_surgery.blocks import BlockContext, get_block
-from parc_surgery.blocks.vit_mixer import ParCTokenMixer, factor_grid
+from parc_surgery.blocks.attention_mixer import ParCTokenMixer
+from parc_surgery.blocks.token_mixer import factor_grid
 from parc_surgery.errors import ConfigError, UnsupportedTargetError
 
 
@@ -242,17 +243,22 @@ def test_bad_inputs(attn):
     with pytest.raises(ConfigError, match="attn_mask"):
         m(torch.randn(1, 17, 192), attn_mask=torch.zeros(17, 17))
     m.num_prefix_tokens = 1
-    with pytest.raises(ConfigError, match="13 patch tokens"):
-        m(torch.randn(1, 14, 192))
+    y = m(torch.randn(1, 14, 192))  # 13 patch tokens (prime) and no recorded grid: mixed as one 1 x 13 line
+    assert y.shape == (1, 14, 192) and torch.isfinite(y).all()
     m.num_prefix_tokens = None
     with pytest.raises(ConfigError, match="num_prefix_tokens is unknown"):
         m(torch.randn(1, 9, 192))
-    with pytest.raises(UnsupportedTargetError, match="Attention"):
+    with pytest.raises(UnsupportedTargetError, match="no attention token mixer runs in its forward"):
         ParCTokenMixer.check_source(nn.Linear(4, 4), BlockContext(feature_size=(4, 4)))
-    with pytest.raises(UnsupportedTargetError, match="odd"):
-        ParCTokenMixer.check_source(Attention(9, num_heads=3), BlockContext(feature_size=(4, 4)))
     with pytest.raises(ConfigError, match="attn_dim"):
-        ParCTokenMixer(8, 7, kernel_hw=4)
+        ParCTokenMixer(8, 1, kernel_hw=4)
+
+
+def test_odd_width_attention_splits_unevenly():
+    torch.manual_seed(0)
+    m = mixer(Attention(9, num_heads=3).eval(), grid=(3, 3))
+    assert (m.parc_1_h.weight.shape[0], m.parc_2_h.weight.shape[0]) == (4, 5)
+    assert m(torch.randn(2, 9, 9)).shape == (2, 9, 9)
 
 
 def test_token_dropping_is_refused(deit_dynamic):
