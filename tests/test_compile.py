@@ -36,6 +36,15 @@ MODELS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Dynamo caches compiled graphs per code object: the parcnet_* models share timm's ``ByobNet.forward``, so
+    without a reset their graphs (per model, size and grad mode) pile up against the recompile limit (8)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _model(name: str, train: bool) -> nn.Module:
     torch.manual_seed(0)
     kwargs, _ = MODELS[name]
@@ -60,11 +69,26 @@ def _check_grads(got: dict, ref: dict) -> None:
     assert got.keys() == ref.keys() and ref
     top = max(float(g.abs().max()) for g in ref.values())
     for k, g in ref.items():
-        # per tensor, relative to its own size; a floor at RTOL * 1e-2 of the largest gradient for tensors whose
-        # gradient is exactly zero in exact arithmetic (a BatchNorm bias feeding a training-mode BatchNorm) and
-        # float noise (~1e-12) in both runs
+        # per tensor, relative to its own size, with a floor at 1e-2 of the largest gradient. A tensor whose gradient
+        # is exactly zero in exact arithmetic (a conv bias feeding a training-mode BatchNorm) holds only the float32
+        # rounding of a sum of terms the size of the other gradients, in both runs (eager ~1e-9, inductor ~1e-7 for
+        # a largest gradient ~0.1): its scale is the largest gradient
+        size = float(g.abs().max())
+        scale = top if size <= 1e-6 * top else max(size, 1e-2 * top)
         err = float((got[k] - g).abs().max())
-        assert err <= RTOL * max(float(g.abs().max()), 1e-2 * top), (k, err, float(g.abs().max()))
+        assert err <= RTOL * scale, (k, err, size)
+
+
+def _train_step(compiled, m: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward + backward through the compiled model and through eager; checks the gradients agree and returns
+    both outputs (detached)."""
+    y = compiled(x)
+    y.square().mean().backward()
+    got = _grads(m)
+    ref = m(x)
+    ref.square().mean().backward()
+    _check_grads(got, _grads(m))
+    return y.detach(), ref.detach()
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -75,12 +99,7 @@ def test_bundled_conversion_compiles_fullgraph_and_matches_eager(name, train):
     for size in MODELS[name][1]:
         x = torch.randn(2, 3, size, size)
         if train:
-            y = compiled(x)
-            y.square().mean().backward()
-            got = _grads(m)
-            ref = m(x)
-            ref.square().mean().backward()
-            _check_grads(got, _grads(m))
+            y, ref = _train_step(compiled, m, x)
         else:
             with torch.no_grad():
                 y, ref = compiled(x), m(x)
@@ -164,11 +183,5 @@ def test_inductor_convnet_training_with_fft_parc():
     ).train()
     compiled = torch.compile(m, fullgraph=True, dynamic=False)
     for size in (8, 12):
-        x = torch.randn(2, 3, size, size)
-        y = compiled(x)
-        y.square().mean().backward()
-        got = _grads(m)
-        ref = m(x)
-        ref.square().mean().backward()
-        _check_grads(got, _grads(m))
-        assert _rel(y.detach(), ref.detach()) <= RTOL
+        y, ref = _train_step(compiled, m, torch.randn(2, 3, size, size))
+        assert _rel(y, ref) <= RTOL
