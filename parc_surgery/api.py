@@ -29,10 +29,11 @@ from .errors import (
 )
 from .flops import count_macs, count_macs_impls, count_params
 from .match import select_candidates
+from .module_state import module_state_kept
 from .ops import ParC
 from .plan import Plan, PlanResult, plan_targets, refusal_error
 from .preserved import check_preserved
-from .probe import ProbeResult, _timm_leaves, example_input, module_state_kept, probe_model, trace_model
+from .probe import ProbeResult, _timm_leaves, example_input, probe_model, trace_model
 from .report import Check, Report, TargetReport
 from .rewrite import apply_plan, rewrite_notes
 from .rule import Rule, load_rule

@@ -316,5 +316,9 @@ def load(
     The outputs equal those of the saved model exactly. Raises :class:`CheckpointError` for a missing,
     truncated, corrupt or tampered file, a safetensors file not written by parc-surgery, a source that
     cannot be rebuilt, or tensors / recorded steps that do not fit the model (naming the first mismatches).
+    The official ParC-Net-S weights (hkzhang91/ParC-Net state dict) load as ``parcnet_s``: :mod:`.official`.
     """
-    return load_conversion(path, model, device=device)[0]
+    from .official import load_official
+
+    official = load_official(path, device=device or "cpu") if model is None else None
+    return official if official is not None else load_conversion(path, model, device=device)[0]

@@ -50,8 +50,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ConfigError, NoMatchError, TraceError
+from .inputs import get_in_chans
 from .ops.functional import IMPLS, unfolded_pe
 from .ops.parc import ParC
+from .train_flags import get_train_flags, set_train_flags
 
 __all__ = [
     "MacCount",
@@ -59,7 +61,6 @@ __all__ = [
     "count_macs_impls",
     "count_params",
     "fft_flops",
-    "infer_in_chans",
     "is_compute_op",
 ]
 
@@ -322,26 +323,6 @@ def _as_size(input_size: tuple[int, int] | int) -> tuple[int, int]:
     )
 
 
-def infer_in_chans(model: nn.Module) -> int:
-    """Input channels of ``model``: the first conv's (or ParC's), else timm's ``pretrained_cfg['input_size'][0]``.
-
-    The conv comes first because a timm model built with ``in_chans=1`` keeps ``(3, H, W)`` in its cfg.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return int(m.in_channels)
-        if isinstance(m, ParC):
-            return int(m.channels)
-    for attr in ("pretrained_cfg", "default_cfg"):
-        cfg = getattr(model, attr, None)
-        if isinstance(cfg, dict) and cfg.get("input_size"):
-            return int(cfg["input_size"][0])
-    raise ConfigError(
-        f"count_macs: cannot infer the input channels of {type(model).__name__} (no conv layer and no timm "
-        "pretrained_cfg['input_size']); pass in_chans=..."
-    )
-
-
 def _tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     yield from model.named_parameters()
     yield from model.named_buffers()
@@ -397,7 +378,7 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 @contextlib.contextmanager
 def _counting_state(model: nn.Module, parc_impl: str | None) -> Iterator[None]:
     """Eval mode and (optionally) one ParC implementation for the count; everything restored afterwards."""
-    training = [(m, m.training) for m in model.modules()]
+    flags = get_train_flags(model)
     impls = [(m, m.impl) for m in model.modules() if isinstance(m, ParC)] if parc_impl is not None else []
     try:
         model.eval()
@@ -405,8 +386,7 @@ def _counting_state(model: nn.Module, parc_impl: str | None) -> Iterator[None]:
             m.impl = parc_impl
         yield
     finally:
-        for m, flag in training:
-            m.training = flag
+        set_train_flags(flags)
         for m, impl in impls:
             m.impl = impl
 
@@ -426,7 +406,7 @@ def count_macs(
         model: the model; left as it was (training flags and ParC ``impl`` restored, weights untouched).
         input_size: ``(H, W)`` or one int for a square input.
         batch: batch size (the papers' figures are batch 1).
-        in_chans: input channels; default from the model (see :func:`infer_in_chans`).
+        in_chans: input channels; default from the model (see :func:`parc_surgery.inputs.get_in_chans`).
         parc_impl: run every :class:`~parc_surgery.ParC` with this ``impl`` while counting
             (``"spatial"``, the formulation the papers count; ``"fft"`` for Fast-ParC); ``None`` keeps each
             module's own setting.
@@ -442,7 +422,7 @@ def count_macs(
         raise ConfigError(f"count_macs: in_chans must be a positive int or None, got {in_chans!r}")
     if parc_impl is not None and parc_impl not in IMPLS:
         raise ConfigError(f"count_macs: parc_impl must be one of {IMPLS} or None, got {parc_impl!r}")
-    chans = in_chans if in_chans is not None else infer_in_chans(model)
+    chans = in_chans if in_chans is not None else get_in_chans(model, input_size=size)
     try:
         target = torch.device(device) if device is not None else _model_device(model)
     except (RuntimeError, TypeError) as e:

@@ -32,7 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .blocks._carry import CarryBuilder, CarryRecord
 from .dataflow import TRef
 from .errors import UnsupportedTargetError
-from .probe import trace_side_effects_undone
+from .module_state import trace_side_effects_undone
 
 __all__ = ["InlinePlan", "plan_inline_rewrite", "rewrite_inline_attention", "trace_block"]
 
@@ -73,15 +73,14 @@ def trace_block(module: nn.Module, call) -> torch.fx.GraphModule:
             concrete[p.name] = p.default
     tracer = _LeafTracer()
     try:
-        with trace_side_effects_undone(module):
-            graph = tracer.trace(module, concrete_args=concrete or None)
+        with trace_side_effects_undone(module):  # the GraphModule copies the tracer's constants before the undo
+            return torch.fx.GraphModule(module, tracer.trace(module, concrete_args=concrete or None))
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else ""
         raise UnsupportedTargetError(
             f"the attention is computed inline in the {type(module).__qualname__}'s forward (with other computation), "
             f"and that forward does not trace with torch.fx ({type(e).__name__}: {msg}); it cannot be rewritten"
         ) from e
-    return torch.fx.GraphModule(module, graph)
 
 
 def _uses_param(node: torch.fx.Node, gm: torch.fx.GraphModule, param: str) -> bool:

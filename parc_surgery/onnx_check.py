@@ -34,6 +34,7 @@ from .errors import ConfigError, ParcSurgeryError, ValidationError
 from .export_portable import to_portable
 from .export_runtimes import onnx_ops, require
 from .ops import portable_form
+from .train_flags import eval_mode
 
 __all__ = ["OnnxResult", "check_onnx", "onnx_census"]
 
@@ -199,19 +200,13 @@ def check_onnx(
     if params is not None and params.device.type == "meta":
         raise ConfigError("check_onnx: the model is on the meta device (no weights); export needs a real model")
     x = example_input(model, size, in_chans=in_chans)
-    flags = {m: m.training for m in model.modules()}
     attempts: list[str] = []
     tmpdir = None
-    try:
-        model.eval()
-        with torch.no_grad():
-            ref = next((t for t in pytree.tree_leaves(model(x)) if isinstance(t, torch.Tensor)), None)
-            if ref is None:
-                raise ConfigError("check_onnx: the model's output holds no tensor to compare")
-            deploy = to_portable(model, x)
-    finally:
-        for m, f in flags.items():
-            m.training = f
+    with eval_mode(model), torch.no_grad():
+        ref = next((t for t in pytree.tree_leaves(model(x)) if isinstance(t, torch.Tensor)), None)
+        if ref is None:
+            raise ConfigError("check_onnx: the model's output holds no tensor to compare")
+        deploy = to_portable(model, x)
     ref = ref.detach().float().cpu()
     try:
         if path is None:

@@ -99,8 +99,9 @@ class Plan:
 def token_grid(model: nn.Module, n_tokens: int) -> tuple[tuple[int, int], int]:
     """(grid, prefix token count) for a token sequence of length ``n_tokens`` in ``model``.
 
-    Uses timm's patch embedding ``grid_size`` where present, else the most square factorization of the
-    tokens left after 0..8 prefix tokens.
+    Uses timm's patch embedding ``grid_size`` where present, then the model's own ``num_prefix_tokens`` (timm's
+    attribute) when the tokens after them are a square count, else the most square factorization of the tokens
+    left after 0..8 prefix tokens.
     """
     grid, prefix, _ = _token_grid(model, n_tokens)
     return grid, prefix
@@ -114,6 +115,11 @@ def _token_grid(model: nn.Module, n_tokens: int) -> tuple[tuple[int, int], int, 
             prefix = n_tokens - grid[0] * grid[1]
             if 0 <= prefix <= 16:
                 return (int(grid[0]), int(grid[1])), prefix, True
+    declared = getattr(model, "num_prefix_tokens", None)  # timm's convention (class / register tokens)
+    if isinstance(declared, int) and not isinstance(declared, bool) and 0 <= declared <= 16:
+        r = math.isqrt(n_tokens - declared) if n_tokens > declared else 0
+        if r > 1 and r * r == n_tokens - declared:
+            return (r, r), declared, True
     for prefix in range(0, 9):
         n = n_tokens - prefix
         r = math.isqrt(n)

@@ -16,8 +16,6 @@ trace are still handled through the recorded forward (the hooks), and the report
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,15 +27,16 @@ from torch import nn
 
 from .dataflow import Dataflow, DataflowRecorder, ModuleCall
 from .errors import TraceError
+from .inputs import get_in_chans
+from .module_state import trace_side_effects_undone
+from .train_flags import eval_mode
 
 __all__ = [
     "CallRecord",
     "ProbeResult",
     "example_input",
-    "module_state_kept",
     "probe_model",
     "trace_model",
-    "trace_side_effects_undone",
 ]
 
 _aten = torch.ops.aten
@@ -135,31 +134,16 @@ def example_input(model: nn.Module, input_size: tuple[int, int], *, batch: int =
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     if in_chans is None:
-        in_chans = get_in_chans(model)
+        in_chans = get_in_chans(model, default=3, input_size=input_size)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, in_chans, *input_size, generator=g, dtype=torch.float32)
     return x.to(device=device, dtype=dtype)
 
 
-def get_in_chans(model: nn.Module) -> int:
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if size and len(size) == 3:
-        return int(size[0])
-    if isinstance(getattr(model, "in_chans", None), int):
-        return model.in_chans
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-        if isinstance(m, nn.Linear):
-            break
-    return 3
-
-
 def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
     """Run ``model(x)`` once in eval mode without grad, recording shapes, call order and attention ops.
 
-    The model's training flag is restored afterwards; nothing else about it changes.
+    Every module's training flag is restored afterwards; nothing else about the model changes.
     """
     calls: dict[str, CallRecord] = {}
     aliases: dict[int, list[str]] = {}
@@ -210,14 +194,12 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
         seen.add(id(mod))
         handles.append(mod.register_forward_pre_hook(pre(name), with_kwargs=True))
         handles.append(mod.register_forward_hook(post(name)))
-    was_training = model.training
     fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
-        model.eval()
         # nn.MultiheadAttention / nn.TransformerEncoderLayer run one fused op in eval without grad; the probe
         # needs to see their attention as attention (projections, SDPA), so their fast path is off here
         torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), recorder:
+        with eval_mode(model), torch.no_grad(), recorder:
             recorder.to_refs(x, taint=True)
             out = model(x)
     except Exception as e:  # the model's own failure at this size
@@ -231,7 +213,6 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
         torch.backends.mha.set_fastpath_enabled(fastpath)
     t = _first_tensor(out)
     owners = _attention_owners(recorder.flow)
@@ -243,32 +224,15 @@ def probe_model(model: nn.Module, x: torch.Tensor) -> ProbeResult:
             alias_map[n] = tuple(names)
     # records under the canonical (first) name only; expose aliases separately
     return ProbeResult(
-        tuple(x.shape), tuple(t.shape) if t is not None else None, calls, attention, alias_map, t, other, out,
+        tuple(x.shape),
+        tuple(t.shape) if t is not None else None,
+        calls,
+        attention,
+        alias_map,
+        t,
+        other,
+        out,
         recorder.flow,
-    )
-
-
-@contextlib.contextmanager
-def module_state_kept(model: nn.Module):
-    """Restore every module's plain attributes (ints, floats, bools, strings, tuples of them) afterwards.
-
-    Some forwards change their own configuration with the input size (``transformers``' Swin shrinks its
-    window when the feature map is smaller, and keeps it): a forward at another size must not change what the
-    model does at the size it was converted for.
-    """
-    saved = [(m, {k: v for k, v in vars(m).items() if not k.startswith("_") and _is_plain(v)}) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, attrs in saved:
-            for k, v in attrs.items():
-                if m.__dict__.get(k, v) is not v:
-                    m.__dict__[k] = v
-
-
-def _is_plain(v) -> bool:
-    return v is None or isinstance(v, (bool, int, float, str)) or (
-        isinstance(v, tuple) and all(isinstance(i, (bool, int, float, str)) for i in v)
     )
 
 
@@ -318,37 +282,6 @@ def _default_args(model: nn.Module) -> dict | None:
     return out or None
 
 
-_MODULE_INTERNALS = frozenset(vars(nn.Module()))
-
-
-@contextlib.contextmanager
-def trace_side_effects_undone(model: nn.Module):
-    """Undo what a symbolic trace writes into the modules' own attributes and containers.
-
-    Some forwards cache a computed tensor on the module in eval (timm's ``Attention2d.attention_bias_cache``):
-    traced, the cache keeps an fx ``Proxy`` of that trace's graph, which a later trace of the same module would
-    read as a node of another graph (and a later forward would fail on). Attributes set, replaced or added and
-    dict / list / set contents changed during the trace are put back as they were.
-    """
-    saved = []
-    for m in model.modules():
-        attrs = {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}
-        contents = {k: copy.copy(v) for k, v in attrs.items() if type(v) in (dict, list, set)}
-        saved.append((m, attrs, contents))
-    try:
-        yield
-    finally:
-        for m, attrs, contents in saved:
-            for k in [k for k in vars(m) if k not in _MODULE_INTERNALS and k not in attrs]:
-                delattr(m, k)
-            for k, v in attrs.items():
-                if vars(m).get(k) is not v:
-                    object.__setattr__(m, k, v)
-                if k in contents:
-                    v.clear()
-                    (v.extend if isinstance(v, list) else v.update)(contents[k])
-
-
 def trace_model(model: nn.Module, leaf_types: Iterable[type] = ()) -> tuple[torch.fx.GraphModule | None, str]:
     """Symbolically trace ``model`` with timm's leaf modules/functions plus ``leaf_types`` as leaves.
 
@@ -373,8 +306,10 @@ def trace_model(model: nn.Module, leaf_types: Iterable[type] = ()) -> tuple[torc
         tracer = _Tracer()
         with trace_side_effects_undone(model):
             graph = tracer.trace(model, concrete_args=_default_args(model))
-        # the default class name: torch.fx makes a class per GraphModule, and one named after the model's own class
-        # would put that name among the torch classes a rule may name (parc_surgery.types' allow-list)
-        return torch.fx.GraphModule(tracer.root, graph), ""
+            # built before the undo: the tensor constants the tracer set on the root are copied into the
+            # GraphModule, then removed from the user's model.
+            # The default class name: torch.fx makes a class per GraphModule, and one named after the model's own
+            # class would put that name among the torch classes a rule may name (parc_surgery.types' allow-list)
+            return torch.fx.GraphModule(tracer.root, graph), ""
     except Exception as e:
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

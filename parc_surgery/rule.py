@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-import math
 import os
-import re
-import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -36,9 +33,22 @@ from typing import Any, Literal
 
 import yaml
 
-from ._yaml import MAX_BYTES, Path, decode_rule_bytes, format_path, load_yaml
+from ._yaml import MAX_BYTES, Path, decode_rule_bytes, load_yaml
 from .errors import RuleError
-from .types import validate_type_name
+from .rule_check import (
+    RULE_VERSION,
+    SELECTOR_KEYS,
+    STAGE_SPEC_KEYS,
+    FieldReader,
+    check_block,
+    check_options,
+    check_rule,
+    check_rule_header,
+    check_selector,
+    check_stage_spec,
+    check_target,
+    check_version,
+)
 
 __all__ = [
     "RULE_VERSION",
@@ -53,21 +63,20 @@ __all__ = [
     "parse_rule",
 ]
 
-RULE_VERSION = 1
-_MAX_SIZE = 16384  # largest input size / kernel length accepted
-_MAX_STAGE_INDEX = 10_000
-_PE = ("all", "first", "none")
-_IMPL = ("auto", "spatial", "fft")
-_INIT = ("warm_start", "reference")
-
 
 @dataclass(frozen=True)
 class StageSpec:
-    """Blocks of the given stages (index into the discovered stages, or container name): the last ``fraction``."""
+    """Blocks of the given stages (index into the discovered stages, or container name): the last ``fraction``.
+
+    ``stages`` may be given as one index / name; ``fraction`` as a Fraction, a number or ``"a/b"``.
+    """
 
     stages: tuple[int | str, ...]
     fraction: Fraction = Fraction(1)
     include_first: bool = False
+
+    def __post_init__(self) -> None:
+        check_stage_spec(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,13 +88,19 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class Selector:
-    """Criteria a module must all meet (AND); empty tuples / ``False`` mean "not given"."""
+    """Criteria a module must all meet (AND); empty tuples / ``False`` mean "not given", and one must be given.
+
+    ``types`` / ``names`` may be given as one string.
+    """
 
     types: tuple[str, ...] = ()
     exact: bool = False
     names: tuple[str, ...] = ()
     stages: tuple[StageSpec, ...] = ()
     attention: bool = False
+
+    def __post_init__(self) -> None:
+        check_selector(self, StageSpec)
 
     @property
     def is_empty(self) -> bool:
@@ -107,7 +122,10 @@ class Selector:
 
 @dataclass(frozen=True)
 class TargetOptions:
-    """How the selected modules are replaced; ``block_options`` are (key, value) pairs sorted by key."""
+    """How the selected modules are replaced; ``block_options`` are (key, value) pairs sorted by key.
+
+    ``kernel_size`` may be given as one int, ``block_options`` as a mapping.
+    """
 
     kernel_size: Literal["auto"] | tuple[int, int] = "auto"
     pe: Literal["all", "first", "none"] = "all"
@@ -115,6 +133,9 @@ class TargetOptions:
     init: Literal["warm_start", "reference"] = "warm_start"
     width_mult: float | None = None
     block_options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -129,7 +150,7 @@ class TargetOptions:
 
 @dataclass(frozen=True)
 class Target:
-    """One replacement: modules matching ``select`` and not ``exclude`` become ``block``.
+    """One replacement: modules matching ``select`` and not ``exclude`` become ``block`` (a registered block).
 
     ``line`` is where the target starts in its file (``None`` for dicts); not part of equality.
     """
@@ -139,6 +160,9 @@ class Target:
     exclude: Selector | None = None
     options: TargetOptions = TargetOptions()
     line: int | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        check_target(self, Selector, TargetOptions)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"block": self.block, "select": self.select.to_dict()}
@@ -159,6 +183,9 @@ class Rule:
     input_size: tuple[int, int] | None = None
     source: str | None = field(default=None, compare=False, repr=False)
     text: str | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_rule(self, Target)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data that :func:`load_rule` turns back into an equal rule."""
@@ -182,274 +209,76 @@ def _fraction_out(f: Fraction) -> int | str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Validation
+# From YAML / dict data: the structure (keys, lists) is read here; every value is checked by the dataclasses above,
+# whose errors ``FieldReader.fields`` relocates to the file, line and field path.
 
-
-_MISSING = object()
-_repr = reprlib.Repr()
-_repr.maxstring = 80
-_repr.maxother = 80
-_repr.maxlevel = 3
-
-
-class _Ctx:
-    """Source name and line table; builds located error messages."""
-
-    def __init__(self, source: str, lines: Mapping[Path, int] | None) -> None:
-        self.source = source
-        self.lines = lines or {}
-
-    def line(self, path: Path) -> int | None:
-        for n in range(len(path), -1, -1):
-            if path[:n] in self.lines:
-                return self.lines[path[:n]]
-        return None
-
-    def error(self, path: Path, problem: str, value: Any = _MISSING, hint: str = "") -> RuleError:
-        line = self.line(path)
-        where = f"{self.source}:{line}" if line is not None else self.source
-        msg = f"{where}: {format_path(path) or '(top level)'}: {problem}"
-        if value is not _MISSING:
-            msg += f", got {_repr.repr(value)}"
-        return RuleError(msg + (f". {hint}" if hint else ""))
-
-    # -- typed readers ---------------------------------------------------------------------------------------------
-
-    def mapping(self, value: Any, path: Path, keys: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
-        if not isinstance(value, Mapping):
-            raise self.error(path, "expected a mapping (key: value lines)", value)
-        for key in value:
-            if not isinstance(key, str):
-                raise self.error(path, f"keys must be strings, found key {key!r}")
-            if key not in keys:
-                close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                shown = _repr.repr(key)
-                raise self.error((*path, key), f"unknown key {shown} ({hint}valid keys: {', '.join(keys)})")
-        for key in required:
-            if key not in value:
-                raise self.error((*path, key), f"required key {key!r} is missing")
-        return dict(value)
-
-    def boolean(self, value: Any, path: Path) -> bool:
-        if not isinstance(value, bool):
-            raise self.error(path, "expected true or false", value)
-        return value
-
-    def integer(self, value: Any, path: Path, lo: int, hi: int, what: str = "an integer") -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(path, f"expected {what}", value)
-        if not lo <= value <= hi:
-            raise self.error(path, f"expected {what} in [{lo}, {hi}]", value)
-        return int(value)
-
-    def string(self, value: Any, path: Path, what: str = "a non-empty string") -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise self.error(path, f"expected {what}", value)
-        return value
-
-    def choice(self, value: Any, path: Path, choices: tuple[str, ...]) -> str:
-        if isinstance(value, str) and value in choices:
-            return value
-        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.5) if isinstance(value, str) else []
-        hint = f"Did you mean {close[0]!r}?" if close else ""
-        raise self.error(path, f"expected one of {', '.join(choices)}", value, hint)
-
-    def items(self, value: Any, path: Path, what: str) -> list[tuple[Path, Any]]:
-        """A scalar or a non-empty list, as (path, item) pairs."""
-        if isinstance(value, (list, tuple)):
-            if not value:
-                raise self.error(path, f"expected {what} or a non-empty list of them", value)
-            return [((*path, i), v) for i, v in enumerate(value)]
-        return [(path, value)]
-
-    def size(self, value: Any, path: Path, what: str) -> tuple[int, int]:
-        if isinstance(value, (list, tuple)):
-            if len(value) != 2:
-                raise self.error(path, f"expected {what} as an integer or [H, W]", value)
-            return tuple(self.integer(v, (*path, i), 1, _MAX_SIZE) for i, v in enumerate(value))  # type: ignore
-        n = self.integer(value, path, 1, _MAX_SIZE, f"{what} (an integer or [H, W])")
-        return (n, n)
-
-
-_FRACTION_RE = re.compile(r"^\s*(\d{1,9})\s*/\s*(\d{1,9})\s*$")
-_DECIMAL_RE = re.compile(r"^\s*(\d{1,9}(\.\d{0,12})?|\.\d{1,12})\s*$")
-_FRACTION_HELP = "a fraction in (0, 1]: a number such as 0.5 or a string 'a/b' such as 1/3"
-
-
-def _fraction(ctx: _Ctx, value: Any, path: Path) -> Fraction:
-    if isinstance(value, bool):
-        raise ctx.error(path, f"expected {_FRACTION_HELP}", value)
-    if isinstance(value, Fraction):
-        f = value
-    elif isinstance(value, int):
-        f = Fraction(value)
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise ctx.error(path, f"expected {_FRACTION_HELP}", value)
-        f = Fraction(value).limit_denominator(1000)
-    elif isinstance(value, str) and (m := _FRACTION_RE.match(value)):
-        if int(m.group(2)) == 0:
-            raise ctx.error(path, "zero denominator", value, "Write a fraction such as 1/3")
-        f = Fraction(int(m.group(1)), int(m.group(2)))
-    elif isinstance(value, str) and _DECIMAL_RE.match(value):
-        f = Fraction(value.strip()).limit_denominator(1000)
-    else:
-        raise ctx.error(path, f"expected {_FRACTION_HELP}", value)
-    if not 0 < f <= 1:
-        raise ctx.error(path, f"expected {_FRACTION_HELP}", value)
-    return f
-
-
-def _stage_spec(ctx: _Ctx, value: Any, path: Path) -> StageSpec:
-    m = ctx.mapping(value, path, ("stage", "fraction", "include_first"), required=("stage",))
-    stages: list[int | str] = []
-    for p, v in ctx.items(m["stage"], (*path, "stage"), "a stage index or container name"):
-        if isinstance(v, str):
-            stages.append(ctx.string(v, p, "a stage container name such as 'layer3'"))
-        else:
-            stages.append(ctx.integer(v, p, -_MAX_STAGE_INDEX, _MAX_STAGE_INDEX, "a stage index (0-based, -1 = last)"))
-    fraction = _fraction(ctx, m["fraction"], (*path, "fraction")) if "fraction" in m else Fraction(1)
-    include_first = ctx.boolean(m.get("include_first", False), (*path, "include_first"))
-    return StageSpec(tuple(stages), fraction, include_first)
-
-
+_STAGE_KEYS = ("stage", "fraction", "include_first")
 _SELECTOR_KEYS = ("type", "exact", "name", "stages", "attention")
+_OPTION_KEYS = ("kernel_size", "pe", "impl", "init", "width_mult", "block_options")
+_TARGET_KEYS = ("block", "select", "exclude", "options")
+_RULE_KEYS = ("version", "name", "description", "input_size", "targets")
 
 
-def _selector(ctx: _Ctx, value: Any, path: Path) -> Selector:
+def _stage_spec(ctx: FieldReader, value: Any, path: Path) -> StageSpec:
+    m = ctx.mapping(value, path, _STAGE_KEYS, required=("stage",))
+    with ctx.fields(path, STAGE_SPEC_KEYS):
+        return StageSpec(m["stage"], m.get("fraction", Fraction(1)), m.get("include_first", False))
+
+
+def _selector(ctx: FieldReader, value: Any, path: Path) -> Selector:
     m = ctx.mapping(value, path, _SELECTOR_KEYS)
-    types: list[str] = []
-    for p, v in ctx.items(m["type"], (*path, "type"), "a class name") if "type" in m else ():
-        name = ctx.string(v, p, "a class name such as 'Bottleneck' or 'timm.models.resnet.Bottleneck'")
-        if len(name) > 300:
-            raise ctx.error(p, "class name is too long (more than 300 characters)", name)
-        try:
-            validate_type_name(name.strip())
-        except RuleError as e:
-            raise ctx.error(p, str(e)) from None
-        types.append(name.strip())
-    names: list[str] = []
-    for p, v in ctx.items(m["name"], (*path, "name"), "a module name") if "name" in m else ():
-        pattern = ctx.string(v, p, "a module name, glob ('layer3.*') or 're:<regex>'")
-        if pattern.startswith("re:"):
-            if not pattern[3:]:
-                raise ctx.error(p, "empty regular expression after 're:'", pattern)
-            try:
-                re.compile(pattern[3:])
-            except (re.error, RecursionError, OverflowError, ValueError) as e:
-                raise ctx.error(p, f"invalid regular expression ({e})", pattern) from None
-        names.append(pattern)
+    for key, what in (("type", "a class name"), ("name", "a module name")):
+        if key in m:  # in a file, an empty list is a mistake rather than "not given"
+            ctx.items(m[key], (*path, key), what)
     stages_value = m.get("stages", [])
     if not isinstance(stages_value, (list, tuple)):
         raise ctx.error((*path, "stages"), "expected a list of stage selections (- stage: -1)", stages_value)
     if "stages" in m and not stages_value:
         raise ctx.error((*path, "stages"), "expected a non-empty list of stage selections", stages_value)
     stages = tuple(_stage_spec(ctx, v, (*path, "stages", i)) for i, v in enumerate(stages_value))
-    exact = ctx.boolean(m.get("exact", False), (*path, "exact"))
-    if exact and not types:
-        raise ctx.error((*path, "exact"), "'exact' only applies to 'type'; add a type or remove exact")
-    attention = ctx.boolean(m.get("attention", False), (*path, "attention"))
-    sel = Selector(tuple(types), exact, tuple(names), stages, attention)
-    if sel.is_empty:
-        raise ctx.error(path, "needs at least one criterion: type, name, stages or attention: true", dict(m) or value)
-    return sel
+    with ctx.fields(path, SELECTOR_KEYS):
+        return Selector(
+            types=m.get("type", ()),
+            exact=m.get("exact", False),
+            names=m.get("name", ()),
+            stages=stages,
+            attention=m.get("attention", False),
+        )
 
 
-def _block_option_value(ctx: _Ctx, value: Any, path: Path, nested: bool = False) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ctx.error(path, "expected a finite number", value)
-        return value
-    if isinstance(value, (list, tuple)) and not nested:
-        return tuple(_block_option_value(ctx, v, (*path, i), True) for i, v in enumerate(value))
-    raise ctx.error(path, "block options must be scalars (string, number, true/false, null) or lists of them", value)
-
-
-def _options(ctx: _Ctx, value: Any, path: Path) -> TargetOptions:
+def _options(ctx: FieldReader, value: Any, path: Path) -> TargetOptions:
     if value is None:
         return TargetOptions()
-    keys = ("kernel_size", "pe", "impl", "init", "width_mult", "block_options")
-    m = ctx.mapping(value, path, keys)
-    kernel: Literal["auto"] | tuple[int, int] = "auto"
-    if "kernel_size" in m and not (isinstance(m["kernel_size"], str) and m["kernel_size"] == "auto"):
-        kernel = ctx.size(m["kernel_size"], (*path, "kernel_size"), "'auto' or a kernel length")
-    width_mult = m.get("width_mult")
-    if width_mult is not None:
-        p = (*path, "width_mult")
-        if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)):
-            raise ctx.error(p, "expected null or a number > 0", width_mult)
-        if not (math.isfinite(width_mult) and 0 < width_mult <= 64):
-            raise ctx.error(p, "expected null or a number in (0, 64]", width_mult)
-        width_mult = float(width_mult)
-    bo_path = (*path, "block_options")
-    bo = {} if m.get("block_options") is None else m["block_options"]
-    if not isinstance(bo, Mapping):
-        raise ctx.error(bo_path, "expected a mapping of option names to values", bo)
-    for k in bo:
-        if not isinstance(k, str) or not k:
-            raise ctx.error(bo_path, f"option names must be non-empty strings, found {k!r}")
-    block_options = tuple(sorted((k, _block_option_value(ctx, v, (*bo_path, k))) for k, v in bo.items()))
-    return TargetOptions(
-        kernel_size=kernel,
-        pe=ctx.choice(m.get("pe", "all"), (*path, "pe"), _PE),  # type: ignore[arg-type]
-        impl=ctx.choice(m.get("impl", "auto"), (*path, "impl"), _IMPL),  # type: ignore[arg-type]
-        init=ctx.choice(m.get("init", "warm_start"), (*path, "init"), _INIT),  # type: ignore[arg-type]
-        width_mult=width_mult,
-        block_options=block_options,
-    )
+    m = ctx.mapping(value, path, _OPTION_KEYS)
+    with ctx.fields(path):
+        return TargetOptions(**m)
 
 
-def _target(ctx: _Ctx, value: Any, path: Path, blocks: list[str]) -> Target:
-    m = ctx.mapping(value, path, ("block", "select", "exclude", "options"), required=("block", "select"))
-    block = m["block"]
-    if not isinstance(block, str) or block not in blocks:
-        close = difflib.get_close_matches(str(block), blocks, n=1, cutoff=0.5) if isinstance(block, str) else []
-        hint = f"Did you mean {close[0]!r}? " if close else ""
-        known = ", ".join(blocks) if blocks else "none are registered"
-        raise ctx.error(
-            (*path, "block"), "not a registered block", block, f"{hint}Registered blocks: {known} (list_blocks())"
-        )
+def _target(ctx: FieldReader, value: Any, path: Path) -> Target:
+    m = ctx.mapping(value, path, _TARGET_KEYS, required=("block", "select"))
+    block = check_block(ctx, m["block"], (*path, "block"))
     select = _selector(ctx, m["select"], (*path, "select"))
     exclude = None if m.get("exclude") is None else _selector(ctx, m["exclude"], (*path, "exclude"))
     options = _options(ctx, m.get("options"), (*path, "options"))
-    return Target(block, select, exclude, options, line=ctx.lines.get(path))
-
-
-_RULE_KEYS = ("version", "name", "description", "input_size", "targets")
+    with ctx.fields(path):
+        return Target(block, select, exclude, options, line=ctx.lines.get(path))
 
 
 def _rule(data: Any, *, source: str, lines: Mapping[Path, int] | None = None, text: str | None = None) -> Rule:
-    ctx = _Ctx(source, lines)
+    ctx = FieldReader(source, lines)
     if not isinstance(data, Mapping):
         raise ctx.error((), "a rule must be a mapping with version, name and targets", data)
     if "version" not in data:
         raise ctx.error(("version",), "required key 'version' is missing", hint=f"add 'version: {RULE_VERSION}'")
-    version = ctx.integer(data["version"], ("version",), 1, 2**31, "a format version number")
-    if version > RULE_VERSION:
-        raise ctx.error(
-            ("version",),
-            f"rule format version {version} is newer than this parc-surgery reads (version {RULE_VERSION})",
-            hint="upgrade parc-surgery, or rewrite the rule for version 1",
-        )
+    version = check_version(ctx, data["version"])  # first: a newer format may have keys this version does not know
     m = ctx.mapping(data, (), _RULE_KEYS, required=("name", "targets"))
-    name = ctx.string(m["name"], ("name",), "a non-empty, single-line rule name")
-    if "\n" in name or len(name) > 200:
-        raise ctx.error(("name",), "expected a single-line rule name of at most 200 characters", name)
-    description = "" if m.get("description") is None else m["description"]
-    if not isinstance(description, str):
-        raise ctx.error(("description",), "expected a string", description)
-    input_size = None if m.get("input_size") is None else ctx.size(m["input_size"], ("input_size",), "an input size")
+    name, description, input_size = check_rule_header(ctx, m["name"], m.get("description"), m.get("input_size"))
     targets = m["targets"]
     if not isinstance(targets, (list, tuple)) or not targets:
         raise ctx.error(("targets",), "expected a non-empty list of targets (- block: ...)", targets)
-    from .blocks import list_blocks  # lazy: blocks import torch models; rule parsing must not depend on order
-
-    blocks = list_blocks()
-    parsed = tuple(_target(ctx, t, ("targets", i), blocks) for i, t in enumerate(targets))
-    return Rule(version, name.strip(), description, parsed, input_size, source=source, text=text)
+    parsed = tuple(_target(ctx, t, ("targets", i)) for i, t in enumerate(targets))
+    with ctx.fields(()):
+        return Rule(version, name, description, parsed, input_size, source=source, text=text)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

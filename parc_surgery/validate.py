@@ -40,6 +40,7 @@ from .outputs import output_structure, tensor_leaves
 from .plan import PlannedTarget
 from .probe import _first_tensor, trace_model
 from .report import Check
+from .train_flags import eval_mode
 
 __all__ = ["eval_forward", "second_size", "validate_model"]
 
@@ -59,14 +60,8 @@ def second_size(size: tuple[int, int]) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def _eval(model: nn.Module):
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, f in flags.items():
-            m.training = f
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def eval_forward(model: nn.Module, x: torch.Tensor) -> Any:

@@ -70,6 +70,22 @@ CORPUS = {
 _CACHE: dict = {}
 
 
+def _hf_mobilenet_v2_tf_padding():
+    return MobileNetV2ForImageClassification(MobileNetV2Config(depth_multiplier=0.35, num_labels=10, image_size=64))
+
+
+def sweep_entries() -> list[dict]:
+    """The corpus for ``benchmarks/corpus_sweep.py`` (the non-timm table of ``benchmarks/zoo_sweep.md``)."""
+    entries = [
+        {"name": name, "build": build, "rule": "convstage2parc", "size": size,
+         "source": name.split("_")[0].replace("tv", "torchvision").replace("hf", "transformers"), "expect": "convert"}
+        for name, (build, size, _) in CORPUS.items()
+    ]  # fmt: skip
+    entries.append({"name": "hf_mobilenet_v2_tf_padding", "build": _hf_mobilenet_v2_tf_padding,
+                    "rule": "convstage2parc", "size": 64, "source": "transformers", "expect": "refuse"})  # fmt: skip
+    return entries
+
+
 @pytest.fixture(scope="module", params=list(CORPUS))
 def case(request):
     name = request.param
@@ -146,7 +162,7 @@ def test_a_block_calling_its_own_helper_method_runs_its_own_forward():
 
 
 def test_tf_padding_mobilenet_v2_is_refused_with_the_reason():
-    model = MobileNetV2ForImageClassification(MobileNetV2Config(depth_multiplier=0.35, num_labels=10, image_size=64))
+    model = _hf_mobilenet_v2_tf_padding()
     why = r"left out.*conv_3x3\.convolution' has padding \(0, 0\).*changes the size"
     with pytest.raises(ps.NoMatchError, match=why):
         ps.convert(model.eval(), "convstage2parc", input_size=64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from torch import nn
 from toy_models import DictStageNet, GroupedStageNet
@@ -143,3 +144,14 @@ def test_plan_is_deterministic_across_calls():
     a = ps.list_candidates(model, "convstage2parc", input_size=32)
     b = ps.list_candidates(model, "convstage2parc", input_size=32)
     assert [t.to_dict() for t in a.selected] == [t.to_dict() for t in b.selected]
+
+
+def test_register_tokens_declared_by_the_model_size_the_grid():
+    """NaFlexViT embeds patches with a Linear (no ``grid_size``) and puts 4 register tokens first: the model's own
+    ``num_prefix_tokens`` tells the 64 patch tokens of 128 px apart (8 x 8), not a guess that refuses 68 tokens."""
+    torch.manual_seed(0)
+    model = timm.create_model("naflexvit_base_patch16_gap", embed_dim=64, depth=2, num_heads=2, num_classes=4).eval()
+    assert model.num_prefix_tokens == 4
+    conv = ps.convert(model, "attention2parc", input_size=128, count=False)
+    assert conv.report.passed and len(conv.plan.targets) == 2
+    assert all(t.ctx.feature_size == (8, 8) and t.ctx.num_prefix_tokens == 4 for t in conv.plan.targets)

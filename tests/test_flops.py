@@ -13,7 +13,8 @@ from torch import nn
 
 from parc_surgery import ParC
 from parc_surgery.errors import ConfigError, NoMatchError, TraceError
-from parc_surgery.flops import MacCount, count_macs, count_params, fft_flops, infer_in_chans, is_compute_op
+from parc_surgery.flops import MacCount, count_macs, count_params, fft_flops, is_compute_op
+from parc_surgery.inputs import get_in_chans
 
 
 @torch.library.custom_op("parc_test_flops::fused_conv", mutates_args=())
@@ -275,7 +276,7 @@ def test_meta_equals_real_and_infers_chans():
     assert next(model.parameters()).device.type == "cpu"
     with torch.device("meta"):
         gray = timm.create_model("resnet18", pretrained=False, in_chans=1)
-    assert gray.pretrained_cfg["input_size"][0] == 3 and infer_in_chans(gray) == 1
+    assert gray.pretrained_cfg["input_size"][0] == 3 and get_in_chans(gray) == 1
 
 
 def test_mobilevit_fused_attention_counted_on_cpu():

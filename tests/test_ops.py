@@ -192,10 +192,12 @@ def test_resize_matches_linear_interpolation_formula(axis, n):
     assert got_w.shape == (4, 1, n, 1) if axis == "height" else (4, 1, 1, n)
     assert torch.allclose(got_w.flatten(2), ref_interp(w.flatten(2), n), atol=1e-12)
     assert torch.allclose(got_pe.reshape(4, n), ref_interp(pe.reshape(4, 7), n), atol=1e-12)
-    # end taps are kept exactly when n > 1
+    # end taps are kept when n > 1. The first exactly: output 0 maps to source 0 with weight 0 on its neighbour.
+    # The last to rounding only: its source index (k-1)/(n-1)*(n-1) may round just below k-1, making it a blend
+    # with weight 1 - ~1e-16 on the last tap (e.g. float32 k=2, n=42): its error is ~1e-16 * |tap difference|.
     if n > 1:
         assert torch.equal(got_w.flatten(2)[..., 0], w.flatten(2)[..., 0])
-        assert torch.equal(got_w.flatten(2)[..., -1], w.flatten(2)[..., -1])
+        torch.testing.assert_close(got_w.flatten(2)[..., -1], w.flatten(2)[..., -1], rtol=1e-14, atol=1e-14)
 
 
 def test_state_dict_from_another_base_length_is_resampled():
@@ -260,7 +262,13 @@ def test_global_receptive_field(impl, dense):
             assert (line > 0).all()
         else:
             assert (line[1] > 0).all() and (line[[0, 2]] == 0).all()
-        assert g.sum() == line.sum()  # nothing outside that column / row
+        # nothing outside that column / row: those gradient entries are exactly zero (no float sum compared)
+        outside = torch.ones_like(g, dtype=torch.bool)
+        if axis == "height":
+            outside[:, :, 5] = False
+        else:
+            outside[:, 2, :] = False
+        assert (g[outside] == 0).all()
 
 
 # ----- tracing -----

@@ -238,8 +238,9 @@ def test_yaml_merge_keys_and_anchors():
     assert (a.options.pe, a.options.impl, b.options.pe, b.options.impl) == ("none", "fft", "none", "spatial")
 
 
-def test_selector_is_empty():
-    assert Selector().is_empty
+def test_selector_is_never_empty():
+    with pytest.raises(RuleError, match=r"^Selector: needs at least one criterion"):
+        Selector()
     assert not Selector(attention=True).is_empty and not Selector(names=("a",)).is_empty
     assert not Selector(stages=(StageSpec((-1,)),)).is_empty and not Selector(types=("Conv2d",)).is_empty
 

@@ -21,8 +21,8 @@ PUBLISHED_PARAMS = {
 }
 NAMES = [
     "parcnet_s",
-    "parcnet_xs",
-    "parcnet_xxs",
+    "parc_mobilevit_xs",
+    "parc_mobilevit_xxs",
     "parc_resnet50",
     "parc_mobilenetv2_100",
     "parc_convnext_xt",
@@ -53,6 +53,13 @@ def test_builds_on_meta_with_parc_layers(name):
         assert abs(n - PUBLISHED_PARAMS[name]) / PUBLISHED_PARAMS[name] < 1e-3, (name, n)
 
 
+def test_created_model_is_in_train_mode_throughout():
+    # timm returns models in train mode; the conversion's eval-mode probe must not leave any module in eval
+    model = timm.create_model("parc_mobilevit_xxs", num_classes=3)
+    assert all(m.training for m in model.modules())
+    assert model.eval() is model and not any(m.training for m in model.modules())
+
+
 def test_parcnet_s_is_fewer_params_than_mobilevit_s():
     base = sum(p.numel() for p in _meta("mobilevit_s").parameters())
     parc = sum(p.numel() for p in _meta("parcnet_s").parameters())
@@ -64,10 +71,12 @@ def test_pretrained_is_refused_with_a_way_out():
         ConfigError, match=r"no pretrained weights.*parc_surgery\.convert\(timm\.create_model\('mobilevit_s'"
     ):
         timm.create_model("parcnet_s", pretrained=True)
+    with pytest.raises(ConfigError, match=r"pretrained_cfg_overlay=dict\(file=PATH\)"):
+        timm.create_model("parc_resnet50", pretrained=True)
 
 
 def test_kwargs_pass_through_and_model_runs():
-    model = timm.create_model("parcnet_xxs", num_classes=10).eval()
+    model = timm.create_model("parc_mobilevit_xxs", num_classes=10).eval()
     assert model.num_classes == 10 and model._model_args == {"num_classes": 10}
     with torch.no_grad():
         y = model(torch.randn(1, 3, 64, 96))
@@ -82,10 +91,10 @@ def test_img_size_sets_the_planned_size():
 
 
 def test_save_and_load_a_registered_model(tmp_path):
-    model = timm.create_model("parcnet_xxs", num_classes=5).eval()
+    model = timm.create_model("parc_mobilevit_xxs", num_classes=5).eval()
     path = pio.save(model, tmp_path / "p.safetensors")
     m = pio.read_manifest(path)
-    assert m["model"] == {"kind": "timm", "name": "parcnet_xxs", "args": {"num_classes": 5}} and m["steps"] == []
+    assert m["model"] == {"kind": "timm", "name": "parc_mobilevit_xxs", "args": {"num_classes": 5}} and m["steps"] == []
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(pio.load(path)(x), model(x))

@@ -56,3 +56,25 @@ def test_eval_model_with_trace_time_caches_converts():
     assert conv.report.passed
     assert len(conv.plan.targets) >= 1
     assert all(b.cache == {} or all(isinstance(v, torch.Tensor) for v in b.cache.values()) for b in net.blocks)
+
+
+class WithConstant(nn.Module):
+    """A tensor made in forward: the tracer stores it on the root as ``_tensor_constant0``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x) + torch.ones(1)
+
+
+def test_the_graph_keeps_the_tracers_constants_and_the_model_does_not():
+    m = WithConstant()
+    before = set(vars(m))
+    gm, why = trace_model(m)
+    assert gm is not None, why
+    assert set(vars(m)) == before  # nothing left on the user's module
+    assert hasattr(gm, "_tensor_constant0")
+    x = torch.randn(1, 4, 5, 5)
+    torch.testing.assert_close(gm(x), m(x), rtol=0, atol=0)  # same ops in the same order: bit-identical
