@@ -33,6 +33,7 @@ from .errors import ConfigError, ParcSurgeryError, ValidationError
 from .export_portable import to_portable
 from .export_runtimes import FORMAT_FILES, FORMATS, get_runtime
 from .ops import ParC, portable_form
+from .train_flags import eval_mode
 
 __all__ = ["ATOL", "ExportResult", "export", "export_paths"]
 
@@ -179,15 +180,9 @@ def export(
     if p is not None and p.device.type == "meta":
         raise ConfigError("export: the model is on the meta device (no weights); export needs a real model")
     x = example_input(model, size, batch=batch, in_chans=in_chans)
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            ref = _leaves(model(x))
-            deploy = to_portable(model, x)
-    finally:
-        for m, f in flags.items():
-            m.training = f
+    with eval_mode(model), torch.no_grad():
+        ref = _leaves(model(x))
+        deploy = to_portable(model, x)
     if not ref:
         raise ConfigError("export: the model's output holds no tensor to compare")
     tmpdir = Path(tempfile.mkdtemp(dir=files[0].parent, prefix=f".{files[0].name}."))
