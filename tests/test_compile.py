@@ -27,8 +27,8 @@ RTOL = 1e-5  # compiled vs eager, relative to the largest output (the issue's bo
 # the bundled conversions (the registered timm models), with two input sizes each
 MODELS = {
     "parcnet_s": ({}, (64, 96)),
-    "parcnet_xs": ({}, (64, 96)),
-    "parcnet_xxs": ({}, (64, 96)),
+    "parc_mobilevit_xs": ({}, (64, 96)),
+    "parc_mobilevit_xxs": ({}, (64, 96)),
     "parc_resnet50": ({}, (64, 80)),
     "parc_mobilenetv2_100": ({}, (64, 80)),
     "parc_convnext_xt": ({}, (64, 80)),
@@ -110,7 +110,7 @@ def test_bundled_conversion_compiles_fullgraph_and_matches_eager(name, train):
 def test_parcnet_training_through_aot_autograd_with_the_fft_path():
     # float64: AOT autograd decomposes the training-mode BatchNorms into other float ops than eager's kernel, which
     # in float32 moves the deepest gradients (the stem's) by ~4e-5 relative; in float64 any real error would show
-    m = _model("parcnet_xxs", True).double()
+    m = _model("parc_mobilevit_xxs", True).double()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     with use_impl(m, "fft"):
         compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)
@@ -124,7 +124,7 @@ def test_the_compiled_graph_runs_the_inference_fast_path(monkeypatch):
     folds = []
     real = fe.fold
     monkeypatch.setattr(fe, "fold", lambda *a, **k: folds.append(1) or real(*a, **k))
-    m = _model("parcnet_xxs", False)
+    m = _model("parc_mobilevit_xxs", False)
     x = torch.randn(1, 3, 64, 64)
 
     def batch_norms(ctx) -> int:
@@ -147,7 +147,7 @@ def test_the_compiled_graph_runs_the_inference_fast_path(monkeypatch):
 
 def test_compiled_model_follows_weight_changes():
     """No Python-side cache in the compiled graph: an in-place weight edit is seen by the next call."""
-    m = _model("parcnet_xxs", False)
+    m = _model("parc_mobilevit_xxs", False)
     compiled = torch.compile(m, backend="eager", fullgraph=True, dynamic=False)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_compiled_model_follows_weight_changes():
 
 @pytest.mark.slow
 def test_inductor_parcnet_eval_two_sizes():
-    m = _model("parcnet_xxs", False)
+    m = _model("parc_mobilevit_xxs", False)
     compiled = torch.compile(m, fullgraph=True, dynamic=False)
     with torch.no_grad():
         for size in (64, 96):

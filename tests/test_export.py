@@ -30,8 +30,8 @@ pytest.importorskip("executorch")
 SUFFIX = {"onnx": ".onnx", "openvino": ".xml", "executorch": ".pte"}
 SIZE = 64
 BUNDLED = {  # the registered conversions, small: 10 classes, 64x64 inputs
-    "parcnet_xxs": {},
-    "parcnet_xs": {},
+    "parc_mobilevit_xxs": {},
+    "parc_mobilevit_xs": {},
     "parcnet_s": {},
     "parc_resnet50": {},
     "parc_mobilenetv2_100": {},
@@ -53,7 +53,7 @@ def _forbidden(fmt: str, ops: dict) -> list[str]:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=() if n == "parcnet_xxs" else pytest.mark.slow) for n in BUNDLED]
+    "name", [pytest.param(n, marks=() if n == "parc_mobilevit_xxs" else pytest.mark.slow) for n in BUNDLED]
 )
 def test_every_format_on_every_bundled_conversion(name, fmt, tmp_path):
     model = _model(name)

@@ -146,10 +146,10 @@ def test_fx_traced_parcnet_runs_the_same_ops_as_eager():
     from timm.layers import _fx as timm_fx
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-    import parc_surgery  # noqa: F401  (registers parcnet_xxs)
+    import parc_surgery  # noqa: F401  (registers parc_mobilevit_xxs)
 
     torch.manual_seed(0)
-    model = timm.create_model("parcnet_xxs", num_classes=10).eval()
+    model = timm.create_model("parc_mobilevit_xxs", num_classes=10).eval()
     kw = {"leaf_modules": timm_fx.get_notrace_modules(), "autowrap_functions": timm_fx.get_notrace_functions()}
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kw)
     fx_model = create_feature_extractor(
