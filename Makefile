@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,onnx]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,onnx,openvino,executorch]"
 	touch $(STAMP)
 
 setup: $(STAMP)

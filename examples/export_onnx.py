@@ -3,9 +3,10 @@
 For the original and the converted model: the ONNX operator census (op type -> count), whether the graph
 is pure convolution (no Softmax, no MatMul between two activations: nothing attention-like left) and the
 largest absolute difference between onnxruntime's and eager PyTorch's output.
-:func:`parc_surgery.onnx_check.check_onnx` does the work: the dynamo exporter first, the TorchScript one
-as a fallback; ParC layers are exported on their spatial path (the FFT path uses complex tensors, which
-the ONNX exporters do not translate; both paths compute the same function).
+:func:`parc_surgery.onnx_check.check_onnx` does the work: the ``torch.export``-based exporter first, the
+TorchScript one as a fallback; ParC layers are exported in the portable form the official ParC-Net code
+shipped (slice + concat + depthwise conv, never ``DFT`` or ``Pad(mode=wrap)``). To write a checked file for
+deployment (ONNX, OpenVINO or ExecuTorch), use :func:`parc_surgery.export` or ``parc-convert --export``.
 
 Run (needs the ``onnx`` extra)::
 

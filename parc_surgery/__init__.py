@@ -24,6 +24,7 @@ from .errors import (
     UnsupportedTargetError,
     ValidationError,
 )
+from .exporter import ExportResult, export
 from .flops import count_macs, count_params
 from .healing import HealConfig, heal
 from .ops import ParC
@@ -42,6 +43,7 @@ __all__ = [
     "ConfigError",
     "Conversion",
     "DataError",
+    "ExportResult",
     "HealConfig",
     "NoMatchError",
     "ParC",
@@ -59,6 +61,7 @@ __all__ = [
     "convert",
     "count_macs",
     "count_params",
+    "export",
     "get_block",
     "heal",
     "list_blocks",

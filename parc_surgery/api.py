@@ -19,7 +19,6 @@ from .candidates import Candidates
 from .carry import CarryRecord
 from .errors import ConfigError, TraceError, UnsupportedTargetError, ValidationError
 from .flops import count_macs, count_macs_impls, count_params
-from .helpers import as_hw
 from .inputs import example_input, resolve_input_size
 from .module_state import module_state_kept
 from .plan import Plan
@@ -67,7 +66,6 @@ def get_model_name(model: nn.Module) -> str:
     return type(model).__name__
 
 
-_as_hw = as_hw  # onnx_check (deploy16's file) still imports this name; it switches to inputs.resolve_input_size
 
 
 def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_size=None) -> Candidates:

@@ -1,18 +1,16 @@
 """ONNX export check: export a converted model, run it in onnxruntime, compare with eager, census its ops.
 
-``check_onnx(model, input_size)`` tries, in order, until one export runs in onnxruntime:
+``check_onnx(model, input_size)`` exports the model's deployable form
+(:func:`~parc_surgery.export_portable.to_portable`: every ParC as slice + concat + depthwise conv, the
+form the official ParC-Net code shipped, kernels resized for the input size once) and tries, in order,
+until one export runs in onnxruntime:
 
-1. the dynamo exporter (``torch.onnx.export(..., dynamo=True)``);
-2. the legacy TorchScript exporter: tracing at the given input size bakes the resized kernels and
-   position embeddings for that size into the graph (the fixed-size export the reference
-   ParC-ConvNets could not produce).
+1. the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``), as
+   :func:`parc_surgery.export` does;
+2. the legacy TorchScript exporter, for models ``torch.export`` cannot capture.
 
-Every ParC is exported on its ``spatial`` path by default (``parc_impl="spatial"``): the FFT path
-(Fast-ParC) uses complex tensors, which neither of torch's ONNX exporters translates (torch 2.14:
-"No decompositions registered for the complex-valued input" / "aten::fft_rfft ... not supported"), and
-the spatial path computes the same function (to ~1e-6). ``parc_impl=None`` exports ParC as it is.
-
-The result lists the operator census (ONNX ``op_type`` -> count) and whether the graph is *pure
+The result lists the operator census (ONNX ``op_type`` -> count), the operators ParC must never lower to
+that were found (``DFT``, ``Pad(mode=wrap)``: none, or the check fails) and whether the graph is *pure
 convolution*: no ``Softmax`` and no attention-style ``MatMul`` (one whose two inputs are both computed
 from the image, rather than one of them being a weight). Needs the ``onnx`` extra.
 """
@@ -26,13 +24,17 @@ import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .errors import ConfigError, ParcSurgeryError, ValidationError
-from .ops.parc import use_impl
-from .train_flags import get_train_flags, set_train_flags
+from .export_portable import to_portable
+from .export_runtimes import onnx_ops, require
+from .ops import portable_form
+from .train_flags import eval_mode
 
 __all__ = ["OnnxResult", "check_onnx", "onnx_census"]
 
@@ -45,7 +47,8 @@ _MATMUL = {"MatMul", "Einsum", "MatMulInteger", "Gemm"}
 class OnnxResult:
     """The outcome of :func:`check_onnx`.
 
-    exporter: ``"dynamo"`` or ``"legacy"``; parc_impl: what ParC was exported as (``"spatial"``, ``"as is"``, ...).
+    exporter: ``"dynamo"`` or ``"legacy"``; parc_impl: what ParC was exported as (``"portable"``: slice + concat
+    + depthwise conv; ``"n/a ..."`` without ParC layers); ``forbidden``: ``DFT`` / ``Pad(mode=wrap)`` nodes found.
     max_abs_diff: largest ``|onnxruntime - eager|`` over the output; tolerance: the bound it was held to
     (``1e-4`` times ``max(1, max |eager output|)``). ``attention_matmuls``: names of MatMul-like nodes
     whose two inputs both depend on the image. ``attempts``: why earlier export attempts failed.
@@ -62,11 +65,12 @@ class OnnxResult:
     softmax: int
     attention_matmuls: tuple[str, ...]
     attempts: tuple[str, ...] = field(default=())
+    forbidden: tuple[str, ...] = field(default=())
 
     @property
     def matches(self) -> bool:
-        """onnxruntime agrees with eager within the tolerance."""
-        return self.max_abs_diff <= self.tolerance
+        """onnxruntime agrees with eager within the tolerance, and no ``DFT`` / ``Pad(mode=wrap)`` is left."""
+        return self.max_abs_diff <= self.tolerance and not self.forbidden
 
     @property
     def pure_convolution(self) -> bool:
@@ -80,8 +84,9 @@ class OnnxResult:
             if self.pure_convolution
             else f"no ({self.softmax} Softmax, {len(self.attention_matmuls)} activation x activation MatMul)"
         )
+        bad = f"; FORBIDDEN: {', '.join(self.forbidden)}" if self.forbidden else ""
         return (
-            f"{self.exporter} exporter (opset {self.opset}, ParC {self.parc_impl}); onnxruntime vs eager at "
+            f"{self.exporter} exporter (opset {self.opset}, ParC {self.parc_impl}{bad}); onnxruntime vs eager at "
             f"{tuple(self.input_shape)}: max |diff| {self.max_abs_diff:.2e} (<= {self.tolerance:.1e}: "
             f"{'ok' if self.matches else 'NO'}); pure convolution: {pure}; ops: {ops}"
         )
@@ -107,17 +112,15 @@ class OnnxResult:
             "attention_matmuls": list(self.attention_matmuls),
             "op_counts": dict(self.op_counts),
             "attempts": list(self.attempts),
+            "forbidden": list(self.forbidden),
         }
 
 
 def _require_onnx():
-    try:
-        import onnx
-        import onnxruntime
-    except ImportError as e:
-        raise ConfigError(
-            f'the ONNX check needs onnx and onnxruntime ({e}); install them with: pip install "parc-surgery[onnx]"'
-        ) from None
+    require("onnx")  # names the extra to install
+    import onnx
+    import onnxruntime
+
     return onnx, onnxruntime
 
 
@@ -148,10 +151,11 @@ def _export(model: nn.Module, x: torch.Tensor, path: str, *, dynamo: bool, opset
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         warnings.simplefilter("ignore")
-        if dynamo:
-            torch.onnx.export(model, (x,), path, dynamo=True, opset_version=opset, external_data=False, verbose=False)
-        else:
-            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset, do_constant_folding=True)
+        with torch.no_grad(), portable_form():
+            if dynamo:
+                torch.onnx.export(model, (x,), path, dynamo=True, opset_version=opset, external_data=False)
+            else:
+                torch.onnx.export(model, (x,), path, dynamo=False, opset_version=opset, do_constant_folding=True)
 
 
 def _first_line(e: BaseException) -> str:
@@ -169,72 +173,62 @@ def check_onnx(
     opset: int = 18,
     in_chans: int | None = None,
     atol: float = ATOL,
-    parc_impl: str | None = "spatial",
 ) -> OnnxResult:
     """Export ``model`` to ONNX at ``input_size`` (batch 1), run it in onnxruntime and compare with eager.
 
     Args:
-        model: a converted model (any ``nn.Module`` taking one image tensor); it is run in eval mode and
-            left as it was (training flag and ParC impls restored).
+        model: a converted model (any ``nn.Module`` taking one image tensor); it is run in eval mode (its
+            training flags are restored) and exported as a portable copy, so it is never changed.
         input_size: (H, W) or one int.
-        path: where to keep the ``.onnx`` file; default: a temporary file, deleted afterwards.
+        path: where to keep the ``.onnx`` file (overwritten); default: a temporary file, deleted afterwards.
+            :func:`parc_surgery.export` is the one that writes atomically and refuses to overwrite.
         opset: ONNX opset version.
         in_chans: input channels (default: from the model, usually 3).
         atol: bound on ``max |onnxruntime - eager|``, scaled by ``max(1, max |eager output|)``.
-        parc_impl: the ParC path to export (``"spatial"``, ``"fft"``, ``"auto"``), ``None``: as each ParC is set.
-            Eager reference outputs are always computed with the ParC layers as they are.
 
     Raises:
         ConfigError: onnx / onnxruntime are not installed, or a bad argument.
         ValidationError: no exporter produced a model that onnxruntime runs (the message lists each attempt).
     """
     onnx, ort = _require_onnx()
-    from .api import _as_hw
+    from .api import resolve_input_size
+    from .ops import ParC
+    from .probe import example_input
 
-    if parc_impl not in (None, "spatial", "fft", "auto"):
-        raise ConfigError(f"check_onnx: parc_impl must be 'spatial', 'fft', 'auto' or None, got {parc_impl!r}")
-    from .probe import _first_tensor, example_input
-
-    size = _as_hw(input_size, "input_size")
+    size = resolve_input_size(model, input_size)
     params = next(iter(model.parameters()), None)
     if params is not None and params.device.type == "meta":
         raise ConfigError("check_onnx: the model is on the meta device (no weights); export needs a real model")
     x = example_input(model, size, in_chans=in_chans)
-    flags = get_train_flags(model)
-    model.eval()
     attempts: list[str] = []
     tmpdir = None
-    try:
-        with torch.no_grad():
-            ref = _first_tensor(model(x))
+    with eval_mode(model), torch.no_grad():
+        ref = next((t for t in pytree.tree_leaves(model(x)) if isinstance(t, torch.Tensor)), None)
         if ref is None:
             raise ConfigError("check_onnx: the model's output holds no tensor to compare")
-        ref = ref.detach().float().cpu()
+        deploy = to_portable(model, x)
+    ref = ref.detach().float().cpu()
+    try:
         if path is None:
             tmpdir = tempfile.TemporaryDirectory(prefix="parc_onnx_")
             out_path = os.path.join(tmpdir.name, "model.onnx")
         else:
             out_path = os.fspath(path)
-        from .ops import ParC
-
         has_parc = any(isinstance(m, ParC) for m in model.modules())
-        label = "n/a (no ParC layers)" if not has_parc else "as is" if parc_impl is None else parc_impl
+        label = "portable (slice + concat + depthwise conv)" if has_parc else "n/a (no ParC layers)"
         for exporter in ("dynamo", "legacy"):
             try:
-                with use_impl(model, parc_impl):
-                    _export(model, x, out_path, dynamo=exporter == "dynamo", opset=opset)
+                _export(deploy, x, out_path, dynamo=exporter == "dynamo", opset=opset)
                 sess = ort.InferenceSession(out_path, providers=["CPUExecutionProvider"])
                 feed = {sess.get_inputs()[0].name: x.detach().cpu().numpy()}
                 y = torch.from_numpy(sess.run(None, feed)[0]).float()
             except ParcSurgeryError:
                 raise
             except Exception as e:
-                attempts.append(f"{exporter} exporter, ParC {label}: {_first_line(e)}")
+                attempts.append(f"{exporter} exporter: {_first_line(e)}")
                 continue
             if tuple(y.shape) != tuple(ref.shape):
-                attempts.append(
-                    f"{exporter} exporter, ParC {label}: output shape {tuple(y.shape)} != {tuple(ref.shape)}"
-                )
+                attempts.append(f"{exporter} exporter: output shape {tuple(y.shape)} != {tuple(ref.shape)}")
                 continue
             diff = float((y - ref).abs().max()) if y.numel() else 0.0
             tol = atol * max(1.0, float(ref.abs().max()) if ref.numel() else 1.0)
@@ -251,6 +245,7 @@ def check_onnx(
                 softmax=softmax,
                 attention_matmuls=attention,
                 attempts=tuple(attempts),
+                forbidden=onnx_ops(Path(out_path))[1],
             )
         raise ValidationError(
             "ONNX export failed with every exporter:\n  - "
@@ -258,6 +253,5 @@ def check_onnx(
             + "\nSee parc_surgery.onnx_check for what each attempt does."
         )
     finally:
-        set_train_flags(flags)
         if tmpdir is not None:
             tmpdir.cleanup()

@@ -32,8 +32,6 @@ from .inputs import example_input, get_in_chans  # noqa: F401  (example_input: a
 from .module_state import trace_side_effects_undone
 from .train_flags import eval_mode
 
-_first_tensor = first_tensor  # onnx_check (deploy16's file) imports this name until it uses helpers.first_tensor
-
 __all__ = [
     "CallRecord",
     "ProbeResult",

@@ -19,12 +19,9 @@ import parc_surgery
 ROOT = Path(parc_surgery.__file__).resolve().parent
 PKG = "parc_surgery"
 
-# Circles another engineer is removing right now (issue 16 removes blocks/metaformer <-> _metaformer_eval):
-# listed so this test guards everything else meanwhile. An entry that no longer forms a circle fails the
-# test below, so the list cannot go stale.
-KNOWN_CIRCLES: set[frozenset[str]] = {
-    frozenset({"parc_surgery.blocks.metaformer", "parc_surgery.blocks._metaformer_eval"}),
-}
+# Circles being removed (none now). An entry that no longer forms a circle fails the test below, so the list
+# cannot go stale.
+KNOWN_CIRCLES: set[frozenset[str]] = set()
 
 
 def _modules() -> dict[str, Path]:
@@ -159,16 +156,7 @@ def test_nothing_imports_back_up_to_the_package_init():
 
 def test_no_private_name_imported_across_files():
     # a name starting with "_" belongs to its file; shared helpers are public (parc_surgery.helpers & co.)
-    allowed = {
-        # blocks/_metaformer_eval.py (issue 16's file, being rewritten now) still reaches into ops / metaformer
-        ("parc_surgery.blocks._metaformer_eval", "parc_surgery.ops.functional", "_FOLD_PE"),
-        ("parc_surgery.blocks._metaformer_eval", "parc_surgery.ops.functional", "_SHORT_LINE"),
-        ("parc_surgery.blocks._metaformer_eval", "parc_surgery.ops.parc", "_resolve_impl"),
-        ("parc_surgery.blocks._metaformer_eval", "parc_surgery.blocks.metaformer", "_add_pe"),
-        # onnx_check.py (issue 16's file) until it takes helpers.first_tensor / inputs.resolve_input_size
-        ("parc_surgery.onnx_check", "parc_surgery.api", "_as_hw"),
-        ("parc_surgery.onnx_check", "parc_surgery.probe", "_first_tensor"),
-    }
+    allowed: set[tuple[str, str, str]] = set()  # none now; an allowance must name a file that still needs it
     private = {
         (m, dep, what)
         for m, deps in GRAPH.items()
@@ -176,8 +164,7 @@ def test_no_private_name_imported_across_files():
         if what.startswith("_") and not what.startswith("__")
     }
     assert not private - allowed, sorted(private - allowed)
-    # an allowance whose import is gone must go too (and with onnx_check's two, the aliases api._as_hw and
-    # probe._first_tensor that exist only for it)
+    # an allowance whose import is gone must go too
     assert not allowed - private, f"stale allowances (delete them): {sorted(allowed - private)}"
 
 

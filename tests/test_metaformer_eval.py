@@ -136,3 +136,39 @@ def test_reference_forward_context():
     assert blk not in fe._CACHE  # the folded path never ran
     torch.testing.assert_close(y, _reference(blk, x), atol=0, rtol=0)
     assert _rel(_fast(blk, x), y) < 1e-5  # and it is on again outside the context
+
+
+def test_fx_traced_parcnet_runs_the_same_ops_as_eager():
+    """timm's fx test compares traced and eager outputs with ``==``: the block is an fx leaf, so the traced graph
+    calls the block and, in eval without grad, runs the same fast path on the same cached folds as eager: the
+    very same computation, hence the exact comparison."""
+    import timm
+    from timm.layers import _fx as timm_fx
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    import parc_surgery  # noqa: F401  (registers parc_mobilevit_xxs)
+
+    torch.manual_seed(0)
+    model = timm.create_model("parc_mobilevit_xxs", num_classes=10).eval()
+    kw = {"leaf_modules": timm_fx.get_notrace_modules(), "autowrap_functions": timm_fx.get_notrace_functions()}
+    train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=kw)
+    fx_model = create_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=kw
+    ).eval()
+    assert any(type(m) is ParCMetaFormerBlock for m in fx_model.modules())  # called as a module, not inlined
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+        yt = next(iter(fx_model(x).values()))
+    assert fe._CACHE.get(model.stages[2][1].blocks[0])  # eager ran the fast path
+    assert torch.equal(y, yt)
+
+
+def test_no_import_circle_between_the_block_and_its_fast_path():
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(fe))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and m.endswith("metaformer") for m in imported), imported

@@ -46,10 +46,13 @@ def test_converted_model_exports_matches_and_is_pure_convolution(converted, tmp_
     converted.train()
     path = tmp_path / "m.onnx"
     r = onnx_check.check_onnx(converted, SIZE, path=path)
-    assert r.exporter == "dynamo" and r.parc_impl == "spatial"
+    assert r.exporter == "dynamo" and r.parc_impl.startswith("portable")
     assert r.matches and r.max_abs_diff <= r.tolerance
     assert r.pure_convolution and r.softmax == 0 and r.attention_matmuls == ()
     assert r.op_counts["Conv"] > 20 and "Softmax" not in r.op_counts
+    # ParC in the portable form the official code shipped: slice + concat + conv, never DFT or Pad(mode=wrap)
+    assert r.forbidden == () and "DFT" not in r.op_counts and "Pad" not in r.op_counts
+    assert r.op_counts["Slice"] > 0 and r.op_counts["Concat"] > 0
     assert path.is_file() and r.path == str(path)
     assert sum(r.op_counts.values()) == len(onnx.load(str(path)).graph.node)
     # the model is left as it was: training flag and ParC impls
@@ -71,7 +74,7 @@ def test_attention_is_not_pure_convolution(tmp_path):
 def test_falls_back_to_the_legacy_exporter(monkeypatch):
     real = onnx_check._export
 
-    def no_dynamo(model, x, path, *, dynamo, opset):
+    def no_dynamo(model, x, path, *, dynamo, opset):  # (model: the portable copy)
         if dynamo:
             raise RuntimeError("dynamo exporter unavailable")
         return real(model, x, path, dynamo=dynamo, opset=opset)
@@ -80,8 +83,9 @@ def test_falls_back_to_the_legacy_exporter(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), ParC(4, 8, "height", impl="fft"), ParC(4, 8, "width"))
     r = onnx_check.check_onnx(model, (8, 12))
-    assert r.exporter == "legacy" and r.matches and r.pure_convolution
+    assert r.exporter == "legacy" and r.matches and r.pure_convolution and r.forbidden == ()
     assert len(r.attempts) == 1 and "dynamo exporter unavailable" in r.attempts[0]
+    assert {m.impl for m in model.modules() if isinstance(m, ParC)} == {"fft", "auto"}  # the model is unchanged
 
 
 def test_every_exporter_failing_is_a_validation_error(monkeypatch):
@@ -100,8 +104,8 @@ def test_missing_onnx_says_how_to_install(monkeypatch):
 
 
 def test_bad_arguments():
-    with pytest.raises(ConfigError, match="parc_impl"):
-        onnx_check.check_onnx(nn.Conv2d(3, 3, 1), 4, parc_impl="fast")
+    with pytest.raises(ConfigError, match="input_size"):
+        onnx_check.check_onnx(nn.Conv2d(3, 3, 1), 0)
     with torch.device("meta"):
         model = nn.Conv2d(3, 3, 1)
     with pytest.raises(ConfigError, match="meta device"):

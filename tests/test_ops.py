@@ -360,7 +360,7 @@ def test_bad_impl_or_axis_at_call_time():
         parc_spatial(x, w, None, "depth")
     with pytest.raises(ConfigError, match=r"axis must be one of.*'depth'"):
         parc_fft(x, w, None, "depth")
-    with pytest.raises(ConfigError, match=r"impl must be one of \('spatial', 'fft'\).*'auto'"):
+    with pytest.raises(ConfigError, match=r"impl must be one of \('spatial', 'fft', 'conv'\).*'auto'"):
         parc_conv(x, w, None, None, "height", False, "auto")
     with pytest.raises(ConfigError, match=r"axis must be one of.*'diagonal'"):
         choose_impl(64, axis="diagonal")

@@ -15,23 +15,17 @@ import math
 
 import torch
 import torch.fx
+from timm.layers import register_notrace_module
 from torch import nn
 
 from ..errors import ConfigError
-from ..ops import ParC, resize_kernel
+from ..ops import ParC, add_pe, resize_kernel
 from ._metaformer_eval import fast_forward
 
 __all__ = ["ChannelAttention", "ConvFFN", "ParCMetaFormerBlock", "init_conv_fan_out"]
 
-
-def _add_pe(x: torch.Tensor, pe: torch.Tensor, axis: str) -> torch.Tensor:
-    """``x`` plus the position embedding ``pe`` resized to ``x``'s own length along ``axis``."""
-    n = x.shape[2] if axis == "height" else x.shape[3]
-    return x + resize_kernel(pe, n, axis).to(x.dtype)
-
-
 # A leaf for torch.fx: the resize depends on the input size, which must not be baked into a graph.
-torch.fx.wrap("_add_pe")
+torch.fx.wrap("add_pe")
 
 
 @torch.no_grad()
@@ -84,6 +78,9 @@ class ChannelAttention(nn.Module):
         return x * self.gate(self.bn2(self.expand(self.act(self.bn1(self.reduce(self.pool(x)))))))
 
 
+# A leaf in timm's fx feature extraction (and the engine's traces): a traced graph calls the block, so in eval
+# it runs the same inference fast path as eager (a graph of the reference ops would differ by float rounding).
+@register_notrace_module
 class ParCMetaFormerBlock(nn.Module):
     """ParC-MetaFormer block (ParC-Net): global circular-conv token mixer + conv FFN with channel attention.
 
@@ -182,21 +179,23 @@ class ParCMetaFormerBlock(nn.Module):
                 m.reset_parameters()
         init_conv_fan_out(self)
 
+    def token_mixer(self, x: torch.Tensor) -> torch.Tensor:
+        """The token mixer (everything before the residual) as the reference forward computes it."""
+        d = self.half
+        x1, x2 = x[:, :d], x[:, d:]
+        if self.pe_1 is not None:
+            x1 = add_pe(x1, self.pe_1, "height")
+            x2 = add_pe(x2, self.pe_2, "width")
+        x1 = self.parc_1_w(self.parc_1_h(self.norm_1(x1)))
+        x2 = self.parc_2_h(self.parc_2_w(self.norm_2(x2)))
+        return torch.cat([x1, x2], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:  # inference: the same function with folded norms and merged ParC steps
             y = fast_forward(self, x)
             if y is not None:
                 return y
-        d = self.half
-        r1 = x[:, :d]
-        r2 = x[:, d:]
-        x1, x2 = r1, r2
-        if self.pe_1 is not None:
-            x1 = _add_pe(x1, self.pe_1, "height")
-            x2 = _add_pe(x2, self.pe_2, "width")
-        x1 = self.parc_1_w(self.parc_1_h(self.norm_1(x1)))
-        x2 = self.parc_2_h(self.parc_2_w(self.norm_2(x2)))
-        z = torch.cat([r1 + x1, r2 + x2], dim=1)
+        z = x + self.token_mixer(x)
         return z + self.ca(self.ffn(z))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):

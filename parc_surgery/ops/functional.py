@@ -20,7 +20,12 @@ Two implementations of the same function, each split into *prepare* (kernel only
   circulant would be ``C_out * C_in * N^2`` large).
 * fft (Fast-ParC): ``irfft(rfft(x) * conj(rfft(w)), n=N)`` — O(N log N) per line. ``conj`` makes it a
   cross-correlation; ``n=N`` keeps odd N exact. Dense kernels multiply per frequency by a
-  (C_out, C_in) complex matrix. Computed in float32/float64 (half inputs are upcast).
+  (C_out, C_in) complex matrix. Computed in float32/float64 (half inputs are upcast). It runs as one
+  custom operator (:mod:`parc_surgery.ops.fft`), so ``torch.compile`` / ``torch.export`` keep it in the graph.
+* conv (the *portable* form, what the official ParC-Net code shipped): concatenate ``x`` with its first N-1
+  lines along the axis (slice + concat) and run a valid (depthwise) convolution with the length-N kernel.
+  Every exporter and edge runtime has these three ops; :func:`portable_form` makes every ParC use it
+  (:func:`parc_surgery.export` does, so no ``DFT`` or ``Pad(mode=wrap)`` reaches an exported graph).
 
 The position embedding is added before the correlation and the bias after; since the correlation is
 linear, both fold into one additive term ``offset = corr(pe) + bias`` (per channel, along the axis),
@@ -37,25 +42,39 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from .fft import fft_correlate
 
 Axis = Literal["height", "width"]
 Impl = Literal["spatial", "fft", "auto"]
+Form = Literal["spatial", "fft", "conv"]  # what an impl resolves to for one call (``conv``: the portable form)
 
 AXES = ("height", "width")
 IMPLS = ("spatial", "fft", "auto")
+FORMS = ("spatial", "fft", "conv")
+SHORT_LINE = 8  # lines up to this length: one GEMM per channel over the whole batch (see _apply_spatial)
 
 __all__ = [
     "AXES",
+    "FORMS",
     "IMPLS",
+    "SHORT_LINE",
     "Axis",
+    "Form",
     "Impl",
+    "add_pe",
     "apply_kernel",
     "circulant",
+    "fold_pe_enabled",
+    "is_portable",
     "parc_conv",
     "parc_fft",
     "parc_spatial",
+    "portable_form",
+    "prepare",
     "prepare_kernel",
     "resize_kernel",
+    "split_pe",
+    "unfolded_pe",
 ]
 
 
@@ -89,43 +108,33 @@ def resize_kernel(t: torch.Tensor, n: int, axis: Axis) -> torch.Tensor:
     return F.interpolate(t, size=size, mode="bilinear", align_corners=True)
 
 
-_INDEX_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _circulant_index(n: int, device: torch.device) -> torch.Tensor:
-    """``idx[i, j] = (j - i) mod n``, memoised per (n, device) outside tracing/inference mode."""
-    cacheable = not (device.type == "meta" or torch.compiler.is_compiling() or torch.is_inference_mode_enabled())
-    idx = _INDEX_CACHE.get((n, device)) if cacheable else None
-    if idx is None:
-        i = torch.arange(n, device=device)
-        idx = (i[None, :] - i[:, None]) % n
-        if cacheable:
-            if len(_INDEX_CACHE) >= 64:
-                _INDEX_CACHE.clear()
-            _INDEX_CACHE[(n, device)] = idx
-    return idx
+def add_pe(x: torch.Tensor, pe: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """``x`` plus the position embedding ``pe`` resized to ``x``'s own length along ``axis``."""
+    pe = resize_kernel(pe, x.shape[_dim(axis)], axis)
+    return x + (pe if pe.dtype == x.dtype else pe.to(x.dtype))
 
 
 def circulant(w: torch.Tensor) -> torch.Tensor:
     """``(..., N) -> (..., N, N)`` with ``out[..., i, j] = w[..., (j - i) mod N]``.
 
     Row ``i`` holds the taps that produce output ``i`` of the offset-0 cross-correlation, so
-    ``y = circulant(w) @ x`` correlates ``x`` (a column of length N) circularly with ``w``.
+    ``y = circulant(w) @ x`` correlates ``x`` (a column of length N) circularly with ``w``. Built from views of
+    ``cat(w, w)`` (row ``i`` is the window starting at ``N - i``) and one flip: no index tensor, so a compiled
+    graph with frozen weights folds the whole circulant into a constant (an ``arange`` would not be folded).
     """
-    return w[..., _circulant_index(w.shape[-1], w.device)]
+    n = w.shape[-1]
+    return torch.cat([w, w], dim=-1).unfold(-1, n, 1)[..., 1:, :].flip(-2)
 
 
-def prepare_kernel(weight: torch.Tensor, axis: Axis, dense: bool, impl: Literal["spatial", "fft"]) -> torch.Tensor:
+def prepare_kernel(weight: torch.Tensor, axis: Axis, dense: bool, impl: Form) -> torch.Tensor:
     """Turn a length-N weight into what :func:`apply_kernel` consumes (cacheable: depends on the kernel only).
 
-    spatial, depthwise: the circulant ``(C, N, N)`` (transposed for ``width``); spatial, dense: the weight
-    itself; fft: the conjugate spectrum ``(C, F)`` / ``(C_out, C_in, F)`` in float32 or float64.
+    spatial, depthwise: the circulant ``(C, N, N)`` (transposed for ``width``); spatial, dense, and conv: the
+    weight itself; fft: the weight as ``(C_out, C_in or 1, N)`` (the custom operator transforms it).
     """
     if impl == "fft":
-        w = weight.flatten(2)  # (C_out, C_in/g, N)
-        spec = torch.fft.rfft(w.to(_fft_dtype(w.dtype)), dim=-1).conj()
-        return spec if dense else spec[:, 0]
-    if dense:
+        return weight.flatten(2)
+    if dense or impl == "conv":
         return weight
     mat = circulant(weight.flatten(1))  # (C, N, N): y_col = mat @ x_col
     # width: y_row = x_row @ mat^T, stored contiguous for the GEMM
@@ -134,18 +143,18 @@ def prepare_kernel(weight: torch.Tensor, axis: Axis, dense: bool, impl: Literal[
 
 # Spatial GEMM layouts (measured, see benchmarks/README.md "ParC operator"):
 # * without autograd, lines from _LONG_LINE up: one batched (C, N, N) GEMM per image, written in place;
-# * lines up to _SHORT_LINE, or much longer than the other axis: one GEMM per channel over all lines of the
+# * lines up to SHORT_LINE, or much longer than the other axis: one GEMM per channel over all lines of the
 #   batch (few wide GEMMs beat B*C tiny ones; costs a copy of x and y, but never a kernel per image);
 # * otherwise one (N, N) GEMM per (image, channel) through a broadcast matmul (which copies the kernel to
 #   (B, C, N, N): as large as x for square maps).
-_SHORT_LINE = 8
 _LONG_LINE = 32
 
 
 def _add(y: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
     if offset is None:
         return y
-    offset = offset.to(y.dtype)
+    if offset.dtype != y.dtype:  # (no cast node at all otherwise: exported graphs stay free of copies)
+        offset = offset.to(y.dtype)
     return y + offset if torch.is_grad_enabled() else y.add_(offset)
 
 
@@ -156,14 +165,12 @@ def _apply_spatial(
     height = axis == "height"
     n = h if height else w
     if dense:  # the reference formulation: valid conv over the circularly extended map
-        dim = _dim(axis)
-        xp = torch.cat([x, x.narrow(dim, 0, n - 1)], dim=dim) if n > 1 else x
-        return _add(F.conv2d(xp, kernel), offset)
+        return _apply_conv(x, kernel, offset, axis, dense)
     # A strided input (a channel slice of a batch, a token sequence viewed as a map) is copied once: the GEMMs
     # would copy it anyway, and slowly (ViT mixer maps, (1, 192, 14, 14) with channels-last strides: 0.51 ms
     # per call as given, 0.06 ms contiguous, 0.15 ms through the FFT path, which reads strides natively).
     x = x.contiguous()
-    # (not while tracing: torch.jit / the legacy ONNX exporter does not record ``out=`` writes into a view)
+    # (not while tracing: graphs hold no ``out=`` writes into views, and per-image loops would be unrolled)
     traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
     if n >= _LONG_LINE and not torch.is_grad_enabled() and not traced:
         y = torch.empty_like(x)
@@ -173,7 +180,7 @@ def _apply_spatial(
             else:
                 torch.matmul(x[i], kernel, out=y[i])
         return _add(y, offset)
-    if n <= _SHORT_LINE or n > 2 * (w if height else h):  # the offset goes into the GEMM
+    if n <= SHORT_LINE or n > 2 * (w if height else h):  # the offset goes into the GEMM
         if height:  # (C, H, H) @ (C, H, B*W)
             off = None if offset is None else offset.to(x.dtype).view(c, -1, 1)
             xt = x.permute(1, 2, 0, 3).reshape(c, h, b * w)
@@ -187,18 +194,14 @@ def _apply_spatial(
     return _add(y, offset)
 
 
-def _apply_fft(x: torch.Tensor, spec: torch.Tensor, axis: str, dense: bool) -> torch.Tensor:
-    # Transforming along the strided H axis directly measured as fast as transposing H last first
-    # (and faster than transposing in and out), so both axes transform in place.
+def _apply_conv(
+    x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor | None, axis: str, dense: bool
+) -> torch.Tensor:
+    """The portable form: slice + concat (circular extension by N - 1 lines) + valid (depthwise) conv."""
     dim = _dim(axis)
     n = x.shape[dim]
-    xf = torch.fft.rfft(x, dim=dim)  # (B, C, F, W) / (B, C, H, F)
-    if dense:
-        yf = torch.einsum("bcfw,ocf->bofw" if dim == 2 else "bchf,ocf->bohf", xf, spec)
-    else:
-        s = spec[:, :, None] if dim == 2 else spec[:, None, :]
-        yf = xf * s if torch.is_grad_enabled() else xf.mul_(s)
-    return torch.fft.irfft(yf, n=n, dim=dim)
+    xp = torch.cat([x, x.narrow(dim, 0, n - 1)], dim=dim) if n > 1 else x
+    return _add(F.conv2d(xp, kernel, groups=1 if dense else x.shape[1]), offset)
 
 
 def apply_kernel(
@@ -207,19 +210,22 @@ def apply_kernel(
     offset: torch.Tensor | None,
     axis: Axis,
     dense: bool,
-    impl: Literal["spatial", "fft"],
+    impl: Form,
 ) -> torch.Tensor:
     """Correlate ``x`` with a prepared kernel and add ``offset`` (broadcastable: bias or folded PE + bias).
 
-    The result has ``x``'s dtype; ``kernel``/``offset`` must already have it for ``spatial``.
+    The result has ``x``'s dtype; ``kernel``/``offset`` must already have it for ``spatial`` and ``conv``.
     """
     if impl == "fft":
-        y = _add(_apply_fft(x.to(kernel.real.dtype), kernel, axis, dense), offset)
-        return y.to(x.dtype)
+        y = fft_correlate(x.to(kernel.dtype), kernel, _dim(axis), dense)
+        return _add(y, offset).to(x.dtype)
+    if impl == "conv":
+        return _apply_conv(x, kernel, offset, axis, dense)
     return _apply_spatial(x, kernel, offset, axis, dense)
 
 
 _FOLD_PE = [True]
+_PORTABLE = [False]
 
 
 @contextlib.contextmanager
@@ -232,6 +238,27 @@ def unfolded_pe() -> Iterator[None]:
         yield
     finally:
         _FOLD_PE.pop()
+
+
+def fold_pe_enabled() -> bool:
+    """False inside :func:`unfolded_pe`."""
+    return _FOLD_PE[-1]
+
+
+@contextlib.contextmanager
+def portable_form() -> Iterator[None]:
+    """Within this context every ParC runs in the portable ``conv`` form (slice + concat + depthwise conv),
+    whatever its ``impl``: the form exporters and edge runtimes get (:func:`parc_surgery.export`)."""
+    _PORTABLE.append(True)
+    try:
+        yield
+    finally:
+        _PORTABLE.pop()
+
+
+def is_portable() -> bool:
+    """True inside :func:`portable_form`."""
+    return _PORTABLE[-1]
 
 
 def split_pe(x: torch.Tensor, pe: torch.Tensor | None, n: int, axis: Axis) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -248,7 +275,7 @@ def prepare(
     n: int,
     axis: Axis,
     dense: bool,
-    impl: Literal["spatial", "fft"],
+    impl: Form,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Resize stored weight/PE to length ``n`` and build ``(kernel, offset)`` for inputs of ``dtype``.
@@ -267,7 +294,7 @@ def prepare(
     if bias is not None:
         b = bias.to(cdt).view(1, -1, 1, 1)
         offset = b if offset is None else offset + b
-    if impl == "spatial":  # the FFT path computes in cdt and casts its result instead
+    if impl != "fft":  # the FFT path computes in cdt and casts its result instead
         kernel = kernel.to(dtype)
         offset = None if offset is None else offset.to(dtype)
     return kernel, offset
@@ -288,9 +315,9 @@ def parc_fft(
 ) -> torch.Tensor:
     """Fast-ParC: the same function as :func:`parc_spatial` through real FFTs along ``axis``."""
     _check_axis(axis)
-    spec = prepare_kernel(weight.to(_fft_dtype(x.dtype)), axis, dense, "fft")
+    kernel = prepare_kernel(weight.to(_fft_dtype(x.dtype)), axis, dense, "fft")
     offset = None if bias is None else bias.view(1, -1, 1, 1)
-    return apply_kernel(x, spec, offset, axis, dense, "fft")
+    return apply_kernel(x, kernel, offset, axis, dense, "fft")
 
 
 def check_input(x: torch.Tensor, channels: int, axis: str) -> None:
@@ -320,14 +347,15 @@ def parc_conv(
     bias: torch.Tensor | None,
     axis: Axis,
     dense: bool,
-    impl: Literal["spatial", "fft"],
+    impl: Form,
 ) -> torch.Tensor:
     """Full ParC: resize kernel/PE to the input's own axis length, add PE, correlate, add bias.
 
-    ``impl`` must already be resolved (``spatial`` or ``fft``); see :func:`parc_surgery.ops.choose_impl`.
+    ``impl`` must already be resolved (``spatial``, ``fft`` or the portable ``conv``); see
+    :func:`parc_surgery.ops.choose_impl`.
     """
     _check_axis(axis)
-    _check_impl(impl, ("spatial", "fft"))
+    _check_impl(impl, FORMS)
     check_input(x, weight.shape[0], axis)
     x, pe = split_pe(x, pe, x.shape[_dim(axis)], axis)
     kernel, offset = prepare(weight, pe, bias, x.shape[_dim(axis)], axis, dense, impl, x.dtype)

@@ -26,13 +26,26 @@ from timm.layers import register_notrace_module, trunc_normal_
 from torch import nn
 
 from ..errors import ConfigError
-from .functional import AXES, IMPLS, Axis, Impl, apply_kernel, check_input, prepare, resize_kernel, split_pe
+from .functional import (
+    AXES,
+    IMPLS,
+    Axis,
+    Form,
+    Impl,
+    apply_kernel,
+    check_input,
+    is_portable,
+    prepare,
+    resize_kernel,
+    split_pe,
+)
 
 __all__ = [
     "FFT_MIN_LENGTH",
     "FFT_MIN_LENGTH_DENSE",
     "ParC",
     "choose_impl",
+    "resolve_impl",
     "use_impl",
 ]
 
@@ -81,13 +94,21 @@ def choose_impl(
     return "fft" if n >= threshold else "spatial"
 
 
-def _resolve_impl(impl: str, x: torch.Tensor, weight: torch.Tensor, axis: str, dense: bool) -> str:
+def resolve_impl(impl: str, x: torch.Tensor, weight: torch.Tensor, axis: str, dense: bool) -> Form:
+    """The form one call runs: ``conv`` inside :func:`~parc_surgery.ops.functional.portable_form`, else
+    ``impl`` itself, or for ``auto`` what :func:`choose_impl` picks for this call's size, dtype and autograd,
+    with ``spatial`` turned into ``conv`` in a compiled graph without autograd (``torch.compile`` for inference:
+    oneDNN's convolutions beat the circulant GEMMs there, which ATen runs as one small GEMM per channel;
+    measured on the bundled conversions, e.g. ParC-MobileNetV2 compiled 1.5x faster with ``conv``)."""
+    if impl not in IMPLS:
+        raise ConfigError(f"ParC: impl must be one of {IMPLS}, got {impl!r}")
+    if is_portable():
+        return "conv"
     if impl == "auto":
         n = x.shape[2] if axis == "height" else x.shape[3]
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        return choose_impl(n, axis=axis, channels=weight.shape[0], dense=dense, dtype=x.dtype, grad=grad)
-    if impl not in ("spatial", "fft"):
-        raise ConfigError(f"ParC: impl must be one of {IMPLS}, got {impl!r}")
+        form = choose_impl(n, axis=axis, channels=weight.shape[0], dense=dense, dtype=x.dtype, grad=grad)
+        return "conv" if form == "spatial" and not grad and torch.compiler.is_compiling() else form
     return impl
 
 
@@ -101,11 +122,11 @@ def _parc_forward(
     impl: str,
 ) -> torch.Tensor:
     check_input(x, weight.shape[0], axis)
-    impl = _resolve_impl(impl, x, weight, axis, dense)
+    form = resolve_impl(impl, x, weight, axis, dense)
     n = x.shape[2] if axis == "height" else x.shape[3]
     x, pe = split_pe(x, pe, n, axis)
-    kernel, offset = prepare(weight, pe, bias, n, axis, dense, impl, x.dtype)
-    return apply_kernel(x, kernel, offset, axis, dense, impl)
+    kernel, offset = prepare(weight, pe, bias, n, axis, dense, form, x.dtype)
+    return apply_kernel(x, kernel, offset, axis, dense, form)
 
 
 # A leaf for torch.fx: the traced graph holds one call to _parc_forward, so nothing that depends on
@@ -128,14 +149,19 @@ class ParC(nn.Module):
     line, computed in float32/64). On CPU the GEMMs win for depthwise kernels up to N ~ 256 (width) /
     512 (height) and FFT wins for dense kernels from N ~ 14. ``auto`` picks per call from the actual
     size with :func:`choose_impl`, whose crossovers were measured with ``benchmarks/bench_parc_op.py``.
+    The FFT path is one custom operator (``torch.ops.parc_surgery.fft_correlate``, :mod:`parc_surgery.ops.fft`)
+    with a fake implementation and an autograd formula, so ``torch.compile(fullgraph=True)`` and
+    ``torch.export`` capture either path whole. Exports use a third form of the same function,
+    the portable ``conv`` (slice + concat + depthwise conv; :func:`~parc_surgery.ops.functional.portable_form`).
 
     Eval-mode cache: when the module is in eval mode and no gradient is needed (``torch.no_grad()``,
     ``torch.inference_mode()`` or frozen parameters), the resized kernel in its prepared form (circulant
-    matrix or conjugate spectrum) and the folded PE + bias term are cached per (impl, N, dtype, device)
-    and reused until a parameter changes (tracked by its version counter and storage), the module is
-    moved, reloaded or put back in training mode. Not used while tracing (fx, ``torch.compile``,
-    ``torch.jit``) nor on the meta device. In-place edits through ``.data`` bypass the version counter:
-    call :meth:`clear_cache` after those.
+    matrix, or the resized kernel for the FFT path) and the folded PE + bias term are cached per (impl, N,
+    dtype, device) and reused until a parameter changes (tracked by its version counter and storage), the
+    module is moved, reloaded or put back in training mode. Not used while tracing (fx, ``torch.compile``,
+    ``torch.export``, ``torch.jit``) nor on the meta device: a compiled graph prepares the kernel in the
+    graph (``torch._inductor.config.freezing`` folds that work once). In-place edits through ``.data``
+    bypass the version counter: call :meth:`clear_cache` after those.
 
     Args:
         channels: input (= output) channels.
@@ -226,7 +252,7 @@ class ParC(nn.Module):
 
     def _forward_cached(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.weight.shape[0], self.axis)
-        impl = _resolve_impl(self.impl, x, self.weight, self.axis, self.dense)
+        impl = resolve_impl(self.impl, x, self.weight, self.axis, self.dense)
         n = x.shape[2] if self.axis == "height" else x.shape[3]
         x, pe = split_pe(x, self.pe, n, self.axis)
         # inference-mode tensors cannot be saved for backward: keep those entries apart
@@ -275,6 +301,17 @@ class ParC(nn.Module):
             if same_other:
                 state_dict[key] = resize_kernel(t.to(own.dtype), self.kernel_size, self.axis)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def constant_line_response(self, v: torch.Tensor, n: int) -> torch.Tensor:
+        """This ParC's output for an input that is constant along its axis (of length ``n``), from the per-line
+        values ``v`` (``(B, C, H, 1)`` for a width ParC, ``(B, C, 1, W)`` for a height one): ``v * sum(taps)``
+        plus the folded PE / bias term, without building the map. Depthwise only."""
+        if self.dense:
+            raise ConfigError("ParC.constant_line_response: only for depthwise ParC (dense=False)")
+        taps = resize_kernel(self.weight.to(v.dtype), n, self.axis).flatten(1).sum(1)
+        y = v * taps.view(1, -1, 1, 1)
+        _, offset = prepare(self.weight, self.pe, self.bias, n, self.axis, False, "conv", v.dtype)
+        return y if offset is None else y + offset
 
     def extra_repr(self) -> str:
         return (
