@@ -167,7 +167,7 @@ def export(
     :class:`ValidationError` (export failed, a forbidden operator, or the runtime disagrees with eager);
     on any error nothing is written.
     """
-    from .probe import example_input
+    from .inputs import example_input
 
     runtime = get_runtime(format)
     files = export_paths(path, format)

@@ -192,8 +192,8 @@ def check_onnx(
     """
     onnx, ort = _require_onnx()
     from .api import resolve_input_size
+    from .inputs import example_input
     from .ops import ParC
-    from .probe import example_input
 
     size = resolve_input_size(model, input_size)
     params = next(iter(model.parameters()), None)

@@ -325,7 +325,7 @@ def test_config_error_is_value_error():
     "make_bad, match",
     [
         (lambda: ParC(4, 8, "rows"), r"axis must be one of \('height', 'width'\).*'rows'"),
-        (lambda: ParC(4, 8, impl="fast"), r"impl must be one of \('spatial', 'fft', 'auto'\).*'fast'"),
+        (lambda: ParC(4, 8, impl="fast"), r"impl must be one of \('auto', 'spatial', 'fft'\).*'fast'"),
         (lambda: ParC(0, 8), r"channels must be a positive int.*0"),
         (lambda: ParC(4, 0), r"kernel_size must be a positive int.*0"),
         (lambda: ParC(4, 8, pe_init="zeros"), r"pe_init.*'zeros'"),

@@ -19,6 +19,7 @@ from timm.layers import register_notrace_module
 from torch import nn
 
 from ..errors import ConfigError
+from ..helpers import as_kernel_hw
 from ..ops import ParC, add_pe, resize_kernel
 from ._metaformer_eval import fast_forward
 
@@ -143,7 +144,7 @@ class ParCMetaFormerBlock(nn.Module):
                 f"{name}: dim={dim} is too small for channel attention with ca_reduction={ca_reduction} "
                 f"(hidden width dim // ca_reduction = 0); use dim >= {ca_reduction} or a smaller ca_reduction"
             )
-        kh, kw = _kernel_pair(kernel_hw, name)
+        kh, kw = as_kernel_hw(kernel_hw, name)
         hidden = round(dim * ffn_ratio)
         if hidden < 1:
             raise ConfigError(f"{name}: ffn_ratio={ffn_ratio!r} gives an FFN width of {hidden}; it must be >= 1")
@@ -213,17 +214,3 @@ class ParCMetaFormerBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.dim}, kernel_hw={self.kernel_hw}, pe={self.has_pe}"
 
-
-def _kernel_pair(kernel_hw, owner: str) -> tuple[int, int]:
-    """Validate a base kernel size given as one int or (along height, along width)."""
-    pair = (kernel_hw, kernel_hw) if isinstance(kernel_hw, int) and not isinstance(kernel_hw, bool) else kernel_hw
-    try:
-        kh, kw = pair
-    except (TypeError, ValueError):
-        kh = kw = None
-    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in (kh, kw)):
-        raise ConfigError(
-            f"{owner}: kernel_hw={kernel_hw!r} must be a positive int or a pair (along height, along width) "
-            f"of positive ints: the feature size at the model's input size"
-        )
-    return kh, kw

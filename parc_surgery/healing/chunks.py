@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from ..errors import DataError, TeacherMismatchError
+from ..train_flags import eval_mode
 from .data import Samples
 from .progress import create_progress
-from .record import Call, Recorder, eval_mode, get_logits, nbytes
+from .record import Call, Recorder, get_logits, nbytes
 
 __all__ = ["Budget", "Chunk", "ChunkSource", "TeacherPass"]
 

@@ -7,11 +7,11 @@ allowed, and suggest the closest field name for a typo.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from ..errors import ConfigError
+from ..helpers import close_matches
 
 __all__ = ["TRAINABLE_SETS", "HealConfig", "create_heal_config"]
 
@@ -107,7 +107,7 @@ def create_heal_config(config: HealConfig | None = None, **options: Any) -> Heal
     if unknown:
         hints = []
         for k in unknown:
-            close = difflib.get_close_matches(k, names, n=1)
+            close = close_matches(k, names, cutoff=0.6)
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ConfigError(f"heal: unknown option(s) {', '.join(hints)}; known: {', '.join(names)}")
     if config is not None and not isinstance(config, HealConfig):

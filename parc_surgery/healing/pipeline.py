@@ -27,13 +27,14 @@ from torch import nn
 from ..api import Conversion
 from ..errors import ConfigError, DataError, ParcSurgeryError, TeacherMismatchError
 from ..inputs import get_in_chans
+from ..train_flags import eval_mode
 from .chunks import Budget, ChunkSource, TeacherPass
 from .config import HealConfig, create_heal_config
 from .data import create_heal_data
 from .distributed import World, join_world, resolve_device, wrap_ddp
 from .losses import BlockBank, EvalPoint, as_bank_input, distill_loss, measure, recon_loss, teacher_accuracy
 from .progress import show_progress
-from .record import eval_mode, get_logits
+from .record import get_logits
 from .report import HealedReport, HealReport
 from .resume import HealCheckpoint, create_fingerprint
 from .train import StageResult, collect_params, run_stage, stage_timer, summarize, trainable_only

@@ -9,18 +9,18 @@ flags are restored afterwards and nothing else about it changes (hooks are remov
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..outputs import tensor_leaves as output_leaves
+
 __all__ = [
     "Call",
     "Recorder",
-    "eval_mode",
     "get_logits",
     "map_tensors",
     "nbytes",
@@ -60,9 +60,7 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 def tensor_leaves(obj: Any) -> list[torch.Tensor]:
     """Every tensor in ``obj`` (tuples, lists, dicts; a transformers ``ModelOutput`` is a dict), in order."""
-    out: list[torch.Tensor] = []
-    map_tensors(obj, lambda t: out.append(t) or t)
-    return out
+    return [t for _, t in output_leaves(obj)]
 
 
 def nbytes(obj: Any) -> int:
@@ -80,18 +78,6 @@ def get_logits(output: Any) -> torch.Tensor | None:
         return output["logits"]
     leaves = tensor_leaves(output)
     return leaves[0] if leaves else None
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode for the duration; every module's own ``training`` flag is put back afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 class Recorder:

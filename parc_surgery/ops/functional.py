@@ -42,14 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..vocab import IMPLS, Impl
 from .fft import fft_correlate
 
 Axis = Literal["height", "width"]
-Impl = Literal["spatial", "fft", "auto"]
 Form = Literal["spatial", "fft", "conv"]  # what an impl resolves to for one call (``conv``: the portable form)
 
 AXES = ("height", "width")
-IMPLS = ("spatial", "fft", "auto")
 FORMS = ("spatial", "fft", "conv")
 SHORT_LINE = 8  # lines up to this length: one GEMM per channel over the whole batch (see _apply_spatial)
 
