@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .ops import fft as _registers_fft_correlate  # noqa: F401  (the custom op must exist for FORMULAS)
+
 __all__ = ["FORMULAS", "OpRecorder", "fft_flops", "is_compute_op"]
 
 aten = torch.ops.aten
@@ -143,6 +145,15 @@ def _baddbmm_flop(bias, a, b, *args, out_val=None, **kwargs) -> int:
     return _bmm_flop(a, b)
 
 
+def _fft_correlate_flop(x_shape, w_shape, dim, dense, *args, out_shape=None, **kwargs) -> int:
+    """``parc_surgery::fft_correlate``: rfft of the input lines and kernels, the spectral product, irfft."""
+    n, other = int(x_shape[dim]), int(x_shape[5 - dim])
+    batch, c_out, c_in = int(x_shape[0]), int(w_shape[0]), int(w_shape[1])
+    product = (8 * c_in if dense else 6) * batch * c_out * (n // 2 + 1) * other  # complex (multiply-)adds
+    transforms = fft_flops(x_shape, [dim], real=True) + fft_flops(w_shape, [2], real=True)
+    return transforms + fft_flops(out_shape, [dim], real=True) + product
+
+
 def _formulas() -> dict[Any, Any]:
     table: dict[Any, Any] = {
         aten._fft_r2c: _fft_r2c_flop,
@@ -159,6 +170,7 @@ def _formulas() -> dict[Any, Any]:
         aten.dot: _dot_flop,
         aten.vdot: _dot_flop,
         aten.addbmm: _addbmm_flop,
+        torch.ops.parc_surgery.fft_correlate: _fft_correlate_flop,  # Fast-ParC's custom operator (ops/fft.py)
     }
     for name in (
         "_scaled_dot_product_flash_attention_for_cpu",

@@ -1,4 +1,4 @@
-"""The legacy (TorchScript) ONNX exporter records every ParC path, the in-place GEMM layout included."""
+"""The legacy (TorchScript) ONNX exporter records ParC (in the portable conv form, whatever its impl) as it runs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from parc_surgery import ParC
 ort = pytest.importorskip("onnxruntime")
 
 
-@pytest.mark.parametrize("n", [8, 16, 40])  # short-line, broadcast and (n >= 32, no grad) in-place layouts
+@pytest.mark.parametrize("n", [8, 16, 40])  # the sizes of the three spatial layouts eager would take
 @pytest.mark.parametrize("axis", ["height", "width"])
 def test_legacy_onnx_export_of_parc_equals_eager(n, axis, tmp_path):
     torch.manual_seed(0)

@@ -95,15 +95,16 @@ def choose_impl(
 
 
 def resolve_impl(impl: str, x: torch.Tensor, weight: torch.Tensor, axis: str, dense: bool) -> Form:
-    """The form one call runs: ``conv`` inside :func:`~parc_surgery.ops.functional.portable_form`, else
+    """The form one call runs: ``conv`` inside :func:`~parc_surgery.ops.functional.portable_form` or a
+    TorchScript trace (``torch.jit.trace``, the legacy ONNX exporter), else
     ``impl`` itself, or for ``auto`` what :func:`choose_impl` picks for this call's size, dtype and autograd,
     with ``spatial`` turned into ``conv`` in a compiled graph without autograd (``torch.compile`` for inference:
     oneDNN's convolutions beat the circulant GEMMs there, which ATen runs as one small GEMM per channel;
     measured on the bundled conversions, e.g. ParC-MobileNetV2 compiled 1.5x faster with ``conv``)."""
     if impl not in IMPLS:
         raise ConfigError(f"ParC: impl must be one of {IMPLS}, got {impl!r}")
-    if is_portable():
-        return "conv"
+    if is_portable() or torch.jit.is_tracing():  # the TorchScript tracer (legacy ONNX export) records views of
+        return "conv"  # the circulant's cat(w, w) with wrong shapes; the portable form traces as it runs
     if impl == "auto":
         n = x.shape[2] if axis == "height" else x.shape[3]
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
