@@ -38,6 +38,7 @@ from typing import Any
 import click
 
 from .errors import ConfigError, NoMatchError, ParcSurgeryError, ValidationError
+from .export_cli import check_export_target, export_options, run_export
 from .healing.cli_options import check_heal_options, heal_options, run_heal
 from .render import Ui
 from .sources import list_source_forms
@@ -146,50 +147,6 @@ def _with_check(report, check):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Export (--export)
-
-
-def _export_target(o: dict[str, Any], text: str, rule: str | None, from_file: bool) -> Path | None:
-    """The --export file (checked before the slow part), or None without --export."""
-    from .checkpoint import check_writable
-
-    fmt = o["export_format"]
-    if fmt is None:
-        if o["export_path"]:
-            raise click.UsageError("--export-path needs --export onnx|openvino|executorch")
-        return None
-    if o["dry_run"] or o["inspect"]:
-        raise click.UsageError("--export needs weights and a model to export; it cannot run with --dry-run / --inspect")
-    from .export_runtimes import FORMAT_FILES, require
-    from .exporter import export_paths
-
-    require(fmt)  # a missing runtime is named (with its extra) before the conversion runs
-    if o["export_path"]:
-        path = Path(o["export_path"])
-    else:
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(text).stem if from_file else text).strip("_")
-        rule_stem = Path(rule).stem if rule else ""
-        path = Path(f"{stem}_{rule_stem}" if rule_stem else stem).with_suffix(FORMAT_FILES[fmt][0])
-    for f in export_paths(path, fmt):
-        check_writable(f, force=o["force"])
-    return path
-
-
-def _export_step(ui: Ui, obj, fmt: str, path: Path, size, force: bool, report):
-    """Export, run and compare (``parc_surgery.export``); the outcome becomes the report's ``export_<fmt>`` check."""
-    from .exporter import export
-    from .report import Check
-
-    with ui.step(f"exporting to {fmt} and running it"):
-        try:
-            result = export(obj, fmt, path, input_size=size, force=force)
-        except ValidationError as e:
-            return _with_check(report, Check(f"export_{fmt}", False, str(e)))
-    ui.note(f"wrote {fmt} export {', '.join(result.files)}")
-    return _with_check(report, result.to_check())
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # The command
 
 
@@ -229,13 +186,7 @@ def _export_step(ui: Ui, obj, fmt: str, path: Path, size, force: bool, report):
 @click.option("--list-rules", is_flag=True, help="List the bundled rules and exit.")
 @click.option("--list-sources", is_flag=True, help="List the MODEL forms (timm, torchvision, transformers, yours).")
 @click.option("--check-onnx", is_flag=True, help="Export to ONNX, run onnxruntime, compare, census the ops.")
-@click.option(
-    "--export",
-    "export_format",
-    type=click.Choice(["onnx", "openvino", "executorch"]),
-    help="Export the (converted) model, run it in that runtime, compare with eager (needs the extra of that name).",
-)
-@click.option("--export-path", metavar="PATH", help="Where --export writes (default: MODEL_RULE.onnx / .xml / .pte).")
+@export_options
 @click.option("--no-count", is_flag=True, help="Skip counting MACs (faster on big models).")
 @click.option("--force", is_flag=True, help="Overwrite existing --output / --report / --export files.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
@@ -320,7 +271,7 @@ def _run(ui: Ui, **o: Any) -> int:
     for path in (output, report_path) if not dry else ():
         if path:  # fail before the slow part, not after it; reports are not clobbered without --force either
             checkpoint.check_writable(path, force=o["force"])
-    export_path = _export_target(o, text, rule, from_file)
+    export_path = check_export_target(o, text, rule, from_file)
 
     # 1. the model
     meta = dry or o["inspect"]
@@ -392,7 +343,7 @@ def _run(ui: Ui, **o: Any) -> int:
 
     if export_path is not None and report.passed:
         obj = conv if conv is not None else out_model
-        report = _export_step(ui, obj, o["export_format"], export_path, size, o["force"], report)
+        report = _with_check(report, run_export(ui, obj, o["export_format"], export_path, size, o["force"]))
 
     # 4. render and write
     if conv is not None:
