@@ -153,7 +153,7 @@ def convert(
     name = model_name or get_model_name(model)
     work = copy_model(model)  # everything happens on this copy; the user's model is never run or touched
     with user_hooks_detached(work), guard_phase("converting the model", UnsupportedTargetError):
-        conv = _convert(
+        return _convert(
             work,
             r,
             size,
@@ -166,8 +166,6 @@ def convert(
             count=count,
             strict=strict,
         )
-    conv.original = model
-    return conv
 
 
 def _convert(work, r, size, name, *, original, impl, init, seed, validate, count, strict) -> Conversion:
@@ -261,7 +259,7 @@ def _convert(work, r, size, name, *, original, impl, init, seed, validate, count
         uncounted_ops=uncounted,
         notes=tuple(report_notes),
     )
-    conv = Conversion(work, plan, report, carry, r)
+    conv = Conversion(work, plan, report, carry, r, original=original)
     if strict and not report.passed:
         failed = [c for c in checks if not c.passed]
         err = ValidationError(
