@@ -109,6 +109,24 @@ def _set_threads(runtime: str, n: int) -> None:
         _ET_THREADS[0] = n
 
 
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _setup(runtime: str, n: int) -> None:
+    """Before each timed sample: the runtime's thread count and, for the compiled rows, inductor's ``freezing``
+    flag as that row was compiled with. (A global flag: if anything makes Dynamo recompile a model during the
+    timing loop, the recompile must not silently pick up the other row's setting; seen once, an original model's
+    plain ``compile`` row timed as fast as its ``compile-freezing`` row.)"""
+    _set_threads(runtime, n)
+    if runtime.startswith("compile"):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = runtime == "compile-freezing"
+
+
 def _own_code(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` inside a wrapper whose ``forward`` is a code object of its own. Dynamo caches compiled graphs per
     code object: the original and its conversion (often one class) and every copy would otherwise share one
@@ -202,11 +220,15 @@ def bench_pair(pair: Pair, args) -> list[Row]:
             for n in args.threads:
                 variants = {}
                 for (tag, rt), per_thread in runners.items():
-                    variants[f"{tag} {rt}"] = ((lambda rt=rt, n=n: _set_threads(rt, n)), per_thread[n])
+                    variants[f"{tag} {rt}"] = ((lambda rt=rt, n=n: _setup(rt, n)), per_thread[n])
+                graphs = _graph_count()
                 with torch.inference_mode():
                     samples = time_interleaved(
                         variants, repeats=args.repeats, warmup=args.warmup, min_sample_s=args.min_sample_ms / 1e3
                     )
+                if _graph_count() != graphs:
+                    new = _graph_count() - graphs
+                    print(f"  !! Dynamo compiled {new} new graph(s) during the timing loop", flush=True)
                 for rt in args.runtimes:
                     o, p = samples.get(f"orig {rt}"), samples.get(f"parc {rt}")
                     note = "; ".join(f"{t}: {notes[(t, rt)]}" for t in ("orig", "parc") if (t, rt) in notes)
