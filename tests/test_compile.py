@@ -145,7 +145,7 @@ def test_the_compiled_graph_runs_the_inference_fast_path(monkeypatch):
     assert batch_norms(fe.reference_forward()) - fast == 5 * 9  # the 5 BatchNorms of each block folded away
 
 
-def test_compiled_inference_forms_and_exports_stay_portable(monkeypatch):
+def test_compiled_inference_forms_and_exports_stay_portable():
     """Compiled for inference (no freezing): each MetaFormer block's two FFN convs run as oneDNN's channels-last 1x1
     convolution and each ParC-Net block's grouped projection conv as a multiply and a sum. With inductor's
     ``freezing`` (which prepacks plain convolutions itself), inside ``portable_form`` and under ``torch.export``
@@ -181,10 +181,9 @@ def test_compiled_inference_forms_and_exports_stay_portable(monkeypatch):
     # portable: per block the 2 FFN and 2 channel-attention convs (the oneDNN form runs the latter as linear on the
     # pooled vector), and the 3 ParC-Net blocks' projections: 9 * 4 + 3 more convolutions
     assert count(portable, "conv2d") - count(plain, "conv2d") == 9 * 4 + 3
-    monkeypatch.setattr(inductor_config, "freezing", True)
-    frozen = targets()
+    with inductor_config.patch(freezing=True):  # (the config's own patch: monkeypatch's undo deletes the entry)
+        frozen = targets()
     assert count(frozen, "_convolution_pointwise") == 0 and count(frozen, "conv2d") > count(plain, "conv2d")
-    monkeypatch.setattr(inductor_config, "freezing", False)
     with torch.no_grad():
         exported = torch.export.export(m, (x,))
     ops = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
