@@ -26,6 +26,11 @@ Timing (as ``bench_models.py``): per pair, batch and thread count, all variants 
 runtime) interleaved in one loop: warm-up, then round-robin with the order rotated every round, inner
 repeats so each sample lasts ``--min-sample-ms``, median (and min) over ``--repeats`` rounds.
 
+Each (pair, thread count) runs in a child process of its own, which sets every runtime's thread count once
+before anything runs: inductor bakes the thread count into its kernels, and resizing ExecuTorch's global
+threadpool after it has run killed the process (no traceback). The parent prints each child's output and
+the combined table.
+
 Targets (medians): ParC-Net-S at least 1.23x faster than MobileViT-S (the papers' figure) on at least
 three of the five runtimes (``compile`` counts, ``compile-freezing`` is shown apart) and never slower on any
 row; compiled ParC-Net-S at least 1.2x faster than compiled MobileViT-S at batch 1 (both compile rows
@@ -40,9 +45,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,6 +107,24 @@ def _set_threads(runtime: str, n: int) -> None:
 
         _unsafe_reset_threadpool(n)
         _ET_THREADS[0] = n
+
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _setup(runtime: str, n: int) -> None:
+    """Before each timed sample: the runtime's thread count and, for the compiled rows, inductor's ``freezing``
+    flag as that row was compiled with. (A global flag: if anything makes Dynamo recompile a model during the
+    timing loop, the recompile must not silently pick up the other row's setting; seen once, an original model's
+    plain ``compile`` row timed as fast as its ``compile-freezing`` row.)"""
+    _set_threads(runtime, n)
+    if runtime.startswith("compile"):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = runtime == "compile-freezing"
 
 
 def _own_code(model: torch.nn.Module) -> torch.nn.Module:
@@ -161,7 +188,7 @@ def bench_pair(pair: Pair, args) -> list[Row]:
     t0 = time.perf_counter()
     orig, conv = build_pair(pair)
     size = args.size or pair.size
-    print(f"\n## {pair.original} -> {pair.converted} ({pair.rule}, {size}x{size}); built in "
+    print(f"\n## {pair.original} -> {pair.converted} ({pair.rule}, {size}x{size}), {args.threads} thread(s); built in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
     rows: list[Row] = []
     tmp = tempfile.TemporaryDirectory(prefix="bench_deploy_")
@@ -193,11 +220,15 @@ def bench_pair(pair: Pair, args) -> list[Row]:
             for n in args.threads:
                 variants = {}
                 for (tag, rt), per_thread in runners.items():
-                    variants[f"{tag} {rt}"] = ((lambda rt=rt, n=n: _set_threads(rt, n)), per_thread[n])
+                    variants[f"{tag} {rt}"] = ((lambda rt=rt, n=n: _setup(rt, n)), per_thread[n])
+                graphs = _graph_count()
                 with torch.inference_mode():
                     samples = time_interleaved(
                         variants, repeats=args.repeats, warmup=args.warmup, min_sample_s=args.min_sample_ms / 1e3
                     )
+                if _graph_count() != graphs:
+                    new = _graph_count() - graphs
+                    print(f"  !! Dynamo compiled {new} new graph(s) during the timing loop", flush=True)
                 for rt in args.runtimes:
                     o, p = samples.get(f"orig {rt}"), samples.get(f"parc {rt}")
                     note = "; ".join(f"{t}: {notes[(t, rt)]}" for t in ("orig", "parc") if (t, rt) in notes)
@@ -251,6 +282,29 @@ def check_targets(rows: list[Row]) -> list[str]:
     return out
 
 
+def _run_child(key: str, threads: int, argv: list[str]) -> list[Row]:
+    """Run this script for one pair and one thread count in a fresh process; its rows (or none if it died)."""
+    drop = {"--models", "--threads"}
+    keep, skip = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skip = a.split("=")[0] in drop
+            if skip:
+                continue
+        elif skip:
+            continue
+        keep.append(a)
+    with tempfile.TemporaryDirectory(prefix="bench_deploy_child_") as d:
+        out = Path(d) / "rows.json"
+        cmd = [sys.executable, os.path.abspath(__file__), *keep, "--models", key, "--threads", str(threads),
+               "--child-json", str(out)]  # fmt: skip
+        rc = subprocess.run(cmd, check=False).returncode
+        if rc != 0 or not out.exists():
+            print(f"\n!! {key}, {threads} thread(s): the child process ended with code {rc}; no rows", flush=True)
+            return []
+        return [Row(**r) for r in json.loads(out.read_text())]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", choices=tuple(PAIRS), default=["mobilevit_s", "resnet50",
@@ -271,22 +325,34 @@ def main(argv=None) -> int:
         "use with OMP_WAIT_POLICY=PASSIVE)",
     )
     ap.add_argument("--tiny", action="store_true", help="smoke test: 64x64 inputs, batch 1, 1 thread, 2 rounds")
+    ap.add_argument("--child-json", default=None, help=argparse.SUPPRESS)  # internal: one pair / thread count
     args = ap.parse_args(argv)
     if args.tiny:
-        args.size, args.batch, args.threads, args.repeats, args.warmup, args.min_sample_ms = 64, [1], [1], 2, 1, 1.0
+        args.size, args.batch, args.repeats, args.warmup, args.min_sample_ms = 64, [1], 2, 1, 1.0
+        args.threads = args.threads if args.child_json else [1]
     bench_models._clock = CLOCK[args.clock]
     load = os.getloadavg()
-    print(
-        f"# torch {torch.__version__}, timm {timm.__version__}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, threads={args.threads}, batch={args.batch}, repeats={args.repeats}, "
-        f"runtimes={args.runtimes}, clock={args.clock}, "
-        f"openvino precision={args.ov_precision}, "
-        f"load average at start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
-        flush=True,
-    )
+    if not args.child_json:
+        print(
+            f"# torch {torch.__version__}, timm {timm.__version__}, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs, threads={args.threads}, batch={args.batch}, repeats={args.repeats}, "
+            f"runtimes={args.runtimes}, clock={args.clock}, openvino precision={args.ov_precision}, "
+            f"load average at start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
+            flush=True,
+        )
     rows: list[Row] = []
+    if args.child_json:  # one pair, one thread count, in this process
+        torch.set_num_threads(args.threads[0])
+        if "executorch" in args.runtimes:
+            with contextlib.suppress(ImportError):  # (not installed: its rows say so)
+                _set_threads("executorch", args.threads[0])
+        for key in args.models:
+            rows += bench_pair(PAIRS[key], args)
+        Path(args.child_json).write_text(json.dumps([dataclasses.asdict(r) for r in rows]))
+        return 0
     for key in args.models:
-        rows += bench_pair(PAIRS[key], args)
+        for n in args.threads:
+            rows += _run_child(key, n, argv if argv is not None else sys.argv[1:])
     print("\n# All results (speed-up = original time / ParC time, medians)")
     print_table(rows)
     print("\n# Targets")

@@ -145,6 +145,52 @@ def test_the_compiled_graph_runs_the_inference_fast_path(monkeypatch):
     assert batch_norms(fe.reference_forward()) - fast == 5 * 9  # the 5 BatchNorms of each block folded away
 
 
+def test_compiled_inference_forms_and_exports_stay_portable(monkeypatch):
+    """Compiled for inference (no freezing): each MetaFormer block's two FFN convs run as oneDNN's channels-last 1x1
+    convolution and each ParC-Net block's grouped projection conv as a multiply and a sum. With inductor's
+    ``freezing`` (which prepacks plain convolutions itself), inside ``portable_form`` and under ``torch.export``
+    the graph holds plain convolutions only (exporters and edge runtimes have no oneDNN op)."""
+    import torch._inductor.config as inductor_config
+
+    from parc_surgery.ops import portable_form
+
+    m = _model("parc_mobilevit_xs", False)  # (its projections have one output per group, as ParC-Net-S's)
+    x = torch.randn(1, 3, 64, 64)
+
+    def targets(ctx=None) -> list[str]:
+        nodes: list[str] = []
+
+        def backend(gm, inputs):
+            nodes.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm
+
+        torch._dynamo.reset()
+        with ctx or contextlib.nullcontext(), torch.no_grad():
+            y = torch.compile(m, backend=backend, fullgraph=True)(x)
+            assert _rel(y, m(x)) <= RTOL
+        return nodes
+
+    def count(nodes: list[str], what: str) -> int:
+        return sum(what in t for t in nodes)
+
+    if not fe.onednn_ok(x):
+        pytest.skip("this PyTorch build has no oneDNN (the plain form is what runs: covered by the other tests)")
+    plain, portable = targets(), targets(portable_form())
+    assert count(plain, "_convolution_pointwise") == 2 * 9  # 9 MetaFormer blocks
+    assert count(portable, "_convolution_pointwise") == 0
+    # portable: per block the 2 FFN and 2 channel-attention convs (the oneDNN form runs the latter as linear on the
+    # pooled vector), and the 3 ParC-Net blocks' projections: 9 * 4 + 3 more convolutions
+    assert count(portable, "conv2d") - count(plain, "conv2d") == 9 * 4 + 3
+    monkeypatch.setattr(inductor_config, "freezing", True)
+    frozen = targets()
+    assert count(frozen, "_convolution_pointwise") == 0 and count(frozen, "conv2d") > count(plain, "conv2d")
+    monkeypatch.setattr(inductor_config, "freezing", False)
+    with torch.no_grad():
+        exported = torch.export.export(m, (x,))
+    ops = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert ops and not any("mkldnn" in t for t in ops)
+
+
 def test_compiled_model_follows_weight_changes():
     """No Python-side cache in the compiled graph: an in-place weight edit is seen by the next call."""
     m = _model("parc_mobilevit_xxs", False)

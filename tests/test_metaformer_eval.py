@@ -64,6 +64,26 @@ def test_spatial_mixer_with_the_residual_in_the_gemm(monkeypatch, batch, size, f
     assert bool(calls) == fused
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "gemm"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ffn_forms_match_reference(monkeypatch, onednn, channels_last):
+    """float32 on CPU: the FFN through oneDNN's channels-last 1x1 convolution (where the build has oneDNN), else
+    as batched GEMMs; either form, and a channels-last input, give the reference's output."""
+    x = torch.randn(3, 32, 8, 10)
+    if onednn and not fe.onednn_ok(x):
+        pytest.skip("this PyTorch build has no oneDNN")
+    calls = []
+    real = fe._ffn_onednn
+    monkeypatch.setattr(fe, "_ffn_onednn", lambda *a: calls.append(1) or real(*a))
+    if not onednn:
+        monkeypatch.setattr(fe, "onednn_ok", lambda t: False)
+    blk = _block(pe=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert _rel(_fast(blk, x), _reference(blk, x)) < 1e-5
+    assert bool(calls) == onednn
+
+
 def test_float64_and_mixed_impls_per_axis():
     blk = _block(dtype=torch.float64)
     for p in (blk.parc_1_h, blk.parc_2_h):

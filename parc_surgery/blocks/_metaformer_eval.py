@@ -14,8 +14,10 @@ exactly (to float rounding) what its reference forward computes, rearranged:
   residual is added by the width step's GEMM (``baddbmm``);
 * the FFN's pre-norm BatchNorm is folded into its first 1x1 conv and the channel attention's BatchNorms
   into its two 1x1 convs (run as ``linear`` on the pooled vector); dropouts are identities in eval. The
-  FFN's 1x1 convs run as batched GEMMs over the flattened map (as a transformer's ``nn.Linear`` does),
-  which on CPU beats oneDNN's 1x1 convolution at these shapes.
+  FFN's 1x1 convs run through oneDNN on a channels-last copy of the map, the hardswish fused into the first
+  (float32 on CPU: 2.0-2.3x faster than a GEMM at ParC-Net-S's shapes, where ATen's own 1x1 convolution is
+  a BLAS GEMM on one thread and a channels-first oneDNN one on more); otherwise as batched GEMMs over the
+  flattened map (as a transformer's ``nn.Linear`` does).
 
 The ParC-Net paper chose BatchNorm over LayerNorm for this reason: it folds away at inference.
 
@@ -26,10 +28,10 @@ Two ways to run it:
   of the block changes (version counter / storage), as the ParC kernel cache does; the steps as above;
 * traced by ``torch.compile`` / ``torch.export`` (and eager inside
   :func:`~parc_surgery.ops.functional.portable_form`): no cache and no per-call bookkeeping: the folds are
-  ordinary ops on the parameters inside the graph (inductor's ``freezing`` computes them once), the FFN and
-  channel attention run as 1x1 convs, and with impl ``auto`` both ParC steps as slice + concat + depthwise
-  conv (the portable form exports use). Compiled, that beats the eager layout by far (oneDNN convolutions
-  with prepacked weights; measured on ParC-Net-S's blocks: 1.4-2.0x faster).
+  ordinary ops on the parameters inside the graph (inductor's ``freezing`` computes them once), and with impl
+  ``auto`` both ParC steps as slice + concat + depthwise conv (the portable form exports use). The FFN and
+  channel attention run as plain 1x1 convs in exports and with ``freezing`` (inductor prepacks their
+  constant weights for oneDNN), else the FFN as in eager through oneDNN's channels-last 1x1 convolution.
 
 Anything unusual (training mode, autograd, fx or TorchScript tracing, the meta device, half precision,
 hooks on a submodule, swapped-out submodules, ParC pairs on different impls, a dispatch mode such as MAC
@@ -52,13 +54,30 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from ..ops import ParC, resize_kernel, resolve_impl
 from ..ops.functional import SHORT_LINE, apply_kernel, fold_pe_enabled, is_portable, prepare
 
-__all__ = ["apply_folded", "conv_layout", "fast_forward", "fold", "foldable", "reference_forward"]
+__all__ = ["apply_folded", "conv_layout", "fast_forward", "fold", "foldable", "onednn_ok", "reference_forward"]
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> {key: (stamp, folded)}
 _CACHE_SIZE = 8
 
 
 _ENABLED = [True]
+
+_CONV_POINTWISE = (
+    getattr(torch.ops.mkldnn, "_convolution_pointwise", None) if torch.backends.mkldnn.is_available() else None
+)
+_ONEDNN_POINTWISE = _CONV_POINTWISE is not None
+
+
+def _compiled_onednn(x: torch.Tensor) -> bool:
+    """In a ``torch.compile`` trace: whether the FFN takes oneDNN's channels-last 1x1 convolution. Not in an
+    export (``torch.export``, :func:`~parc_surgery.ops.functional.portable_form`: portable ops only), nor with
+    inductor's ``freezing``, which prepacks the plain convolutions' constant weights itself (and fuses them
+    better than this op: measured ParC-Net-S 1 thread batch 1, 24.9 ms plain convs vs 26.8 ms this op)."""
+    from torch._inductor import config as inductor_config
+
+    if is_portable() or torch.compiler.is_exporting() or inductor_config.freezing:
+        return False
+    return onednn_ok(x)
 
 
 @contextlib.contextmanager
@@ -233,7 +252,10 @@ def _folded(block, x: torch.Tensor, stamp: tuple) -> dict | None:
             entries.clear()
         ok = foldable(block)  # the stamp holds the module types: checked again whenever one changes
         with torch.no_grad():
-            entry = entries[key] = (stamp, fold(block, x, fuse_fft=True) if ok else None)
+            f = fold(block, x, fuse_fft=True) if ok else None
+            if f is not None and (is_portable() or onednn_ok(x)):
+                f = conv_layout(f)
+            entry = entries[key] = (stamp, f)
     return entry[1]
 
 
@@ -250,13 +272,14 @@ def _spatial_mixer(x: torch.Tensor, kh: torch.Tensor, kw: torch.Tensor) -> torch
 
 
 def _pointwise(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """A 1x1 conv as one batched GEMM ``(O, C) @ (B, C, H*W)``: on CPU 1.1-3x faster than ``F.conv2d``'s
-    oneDNN 1x1 conv at the block's shapes (measured at batch 1 and 8, 8x8 to 32x32 maps, 192-640 channels;
-    the worst case for the conv, C 192 -> 384 at 32x32, 1.4 ms vs 0.47 ms at batch 1)."""
+    """A 1x1 conv as one batched GEMM ``(O, C) @ (B, C, H*W)`` (where :func:`onednn_ok` is false): on CPU
+    1.1-3x faster than ``F.conv2d``'s channels-first oneDNN 1x1 conv at the block's shapes (measured at batch 1
+    and 8, 8x8 to 32x32 maps, 192-640 channels; the worst case for the conv, C 192 -> 384 at 32x32, 1.4 ms vs
+    0.47 ms at batch 1)."""
     bsz, c, h, wd = x.shape
     xv = x.reshape(bsz, c, h * wd)
-    wb = w.expand(bsz, -1, -1)
-    y = torch.bmm(wb, xv) if b is None else torch.baddbmm(b, wb, xv)
+    wb = w.flatten(1).expand(bsz, -1, -1)  # (either layout of :func:`fold` / :func:`conv_layout`)
+    y = torch.bmm(wb, xv) if b is None else torch.baddbmm(b.view(-1, 1), wb, xv)
     return y.view(bsz, -1, h, wd)
 
 
@@ -283,21 +306,43 @@ def conv_layout(f: dict) -> dict:
     return out
 
 
-def apply_folded(x: torch.Tensor, f: dict, *, eager: bool, portable: bool) -> torch.Tensor:
-    """The block's output from its folded tensors ``f`` (:func:`fold`; with ``portable``, :func:`conv_layout`).
+def onednn_ok(x: torch.Tensor) -> bool:
+    """Whether the FFN's 1x1 convolutions can run through oneDNN on channels-last maps: a float32 CPU tensor
+    and a PyTorch built with oneDNN (every x86 / ARM wheel)."""
+    return _ONEDNN_POINTWISE and x.dtype == torch.float32 and x.device.type == "cpu"
+
+
+def _ffn_onednn(z: torch.Tensor, f: dict) -> torch.Tensor:
+    """The FFN (``fc2(hardswish(fc1(z)))``, norm folded) as two oneDNN 1x1 convolutions on channels-last maps,
+    the hardswish fused into the first. At ParC-Net-S's shapes, one thread, 2.0-2.3x faster than the same
+    products as GEMMs (ATen's 1x1 convolution and ``bmm`` both run them through BLAS there)."""
+    zc = z.contiguous(memory_format=torch.channels_last)
+    h = _CONV_POINTWISE(zc, f["w1"], f["b1"], (0, 0), (1, 1), (1, 1), 1, "hardswish", [], "")
+    return _CONV_POINTWISE(h, f["w2"], f["b2"], (0, 0), (1, 1), (1, 1), 1, "none", [], "")
+
+
+def apply_folded(x: torch.Tensor, f: dict, *, eager: bool, portable: bool, onednn: bool = False) -> torch.Tensor:
+    """The block's output from its folded tensors ``f`` (:func:`fold`; with ``portable`` or ``onednn``,
+    :func:`conv_layout`).
 
     ``eager``: the in-place / ``out=`` layouts measured fastest in eager mode (not for traced graphs);
-    ``portable``: every matrix product as a convolution, all maps 4-D (what exports get).
+    ``portable``: every matrix product as a convolution, all maps 4-D (what exports get);
+    ``onednn``: the FFN through oneDNN's 1x1 convolution on channels-last maps (:func:`onednn_ok`).
     """
     z = _mixer(x, f, eager=eager).add_(f["const"])  # residual + token mixer
     if portable:  # 1x1 convolutions on 4-D maps: what every runtime and delegate fuses best
         y = F.conv2d(F.hardswish(F.conv2d(z, f["w1"], f["b1"])), f["w2"], f["b2"])
         g = F.hardswish(F.conv2d(y.mean((2, 3), keepdim=True), f["wr"], f["br"]))
         return torch.addcmul(z, y, F.hardsigmoid(F.conv2d(g, f["we"], f["be"])))
+    if onednn:
+        y = _ffn_onednn(z, f)
+        g = F.hardswish(F.linear(y.mean((2, 3)), f["wr"].flatten(1), f["br"]))
+        g = F.hardsigmoid(F.linear(g, f["we"].flatten(1), f["be"]))
+        return torch.addcmul(z, y, g[:, :, None, None])
     hid = F.hardswish(_pointwise(z, f["w1"], f["b1"]), inplace=True)
     y = _pointwise(hid, f["w2"], f["b2"])
-    g = F.hardswish(F.linear(y.mean((2, 3)), f["wr"], f["br"]))
-    g = F.hardsigmoid(F.linear(g, f["we"], f["be"]))
+    g = F.hardswish(F.linear(y.mean((2, 3)), f["wr"].flatten(1), f["br"]))
+    g = F.hardsigmoid(F.linear(g, f["we"].flatten(1), f["be"]))
     return torch.addcmul(z, y, g[:, :, None, None])
 
 
@@ -311,10 +356,13 @@ def fast_forward(block, x: torch.Tensor) -> torch.Tensor | None:
         # the 1x1 convs as convolutions and, with impl "auto", the ParC steps too (resolve_impl): what a compiler
         # maps best onto its convolution library (oneDNN under inductor, with prepacked weights when freezing);
         # measured on ParC-Net-S's blocks against the eager layout compiled: 1.4-2.0x faster
-        return apply_folded(x, conv_layout(fold(block, x, fuse_fft=False)), eager=False, portable=True)
+        f = conv_layout(fold(block, x, fuse_fft=False))
+        if _compiled_onednn(x):
+            return apply_folded(x, f, eager=False, portable=False, onednn=True)
+        return apply_folded(x, f, eager=False, portable=True)
     stamp = _scan(block, x)
     f = None if stamp is None else _folded(block, x, stamp)
     if f is None:
         return None
     portable = is_portable()
-    return apply_folded(x, conv_layout(f) if portable else f, eager=True, portable=portable)
+    return apply_folded(x, f, eager=True, portable=portable, onednn=not portable and onednn_ok(x))

@@ -213,4 +213,3 @@ class ParCMetaFormerBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.dim}, kernel_hw={self.kernel_hw}, pe={self.has_pe}"
-
