@@ -522,3 +522,27 @@ def test_torch_compile():
     y = compiled(x)
     y.sum().backward()
     assert m.weight.grad is not None and m.weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize(("n", "grad", "form"), [(14, False, "conv"), (14, True, "fft"), (48, False, "fft")])
+def test_compiled_dense_auto_form(n, grad, form):
+    """A dense ParC on ``auto``: in a compiled graph for inference, lines up to 32 run as the reference convolution
+    (faster there than the FFT operator, measured on ParC-ResNet50); with autograd, or longer lines, the FFT."""
+    m = make(4, n, "height", dense=True, impl="auto", dtype=torch.float32).eval()
+    assert choose_impl(n, axis="height", channels=4, dense=True, dtype=torch.float32, grad=grad) == "fft"
+    nodes: list[str] = []
+
+    def backend(gm, inputs):
+        nodes.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    x = torch.randn(1, 4, n, 5, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        y = torch.compile(m, backend=backend, fullgraph=True)(x)
+        ref = m(x)
+    torch._dynamo.reset()
+    # the same function either way: float32 rounding of different summation orders (FFT vs direct), relative
+    assert float((y - ref).detach().abs().max() / ref.detach().abs().max()) < 1e-5
+    assert any("fft_correlate" in t for t in nodes) == (form == "fft")
+    assert any("conv2d" in t for t in nodes) == (form == "conv")
