@@ -52,7 +52,7 @@ from torch.nn.modules import module as _module
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from ..ops import ParC, resize_kernel, resolve_impl
-from ..ops.functional import SHORT_LINE, apply_kernel, fold_pe_enabled, is_portable, prepare
+from ..ops.functional import SHORT_LINE, apply_kernel, fold_pe_enabled, is_portable, portable_ops_only, prepare
 
 __all__ = ["apply_folded", "conv_layout", "fast_forward", "fold", "foldable", "onednn_ok", "reference_forward"]
 
@@ -75,7 +75,7 @@ def _compiled_onednn(x: torch.Tensor) -> bool:
     better than this op: measured ParC-Net-S 1 thread batch 1, 24.9 ms plain convs vs 26.8 ms this op)."""
     from torch._inductor import config as inductor_config
 
-    if is_portable() or torch.compiler.is_exporting() or inductor_config.freezing:
+    if portable_ops_only() or inductor_config.freezing:
         return False
     return onednn_ok(x)
 
@@ -252,10 +252,7 @@ def _folded(block, x: torch.Tensor, stamp: tuple) -> dict | None:
             entries.clear()
         ok = foldable(block)  # the stamp holds the module types: checked again whenever one changes
         with torch.no_grad():
-            f = fold(block, x, fuse_fft=True) if ok else None
-            if f is not None and (is_portable() or onednn_ok(x)):
-                f = conv_layout(f)
-            entry = entries[key] = (stamp, f)
+            entry = entries[key] = (stamp, conv_layout(fold(block, x, fuse_fft=True)) if ok else None)
     return entry[1]
 
 
@@ -298,7 +295,8 @@ def _mixer(x: torch.Tensor, f: dict, *, eager: bool) -> torch.Tensor:
 def conv_layout(f: dict) -> dict:
     """``f`` (:func:`fold`) with the FFN and channel-attention weights as 1x1-conv kernels ``(O, C, 1, 1)`` and
     biases ``(O,)``: the layout :func:`apply_folded` takes with ``portable=True`` (exporters and edge delegates
-    such as XNNPACK want convolution weights that are constants, not views computed in the graph)."""
+    such as XNNPACK want convolution weights that are constants, not views computed in the graph) or
+    ``onednn=True``, and the one the eager cache holds."""
     out = dict(f)
     for w, b in (("w1", "b1"), ("w2", "b2"), ("wr", "br"), ("we", "be")):
         out[w] = f[w][:, :, None, None]
@@ -322,8 +320,8 @@ def _ffn_onednn(z: torch.Tensor, f: dict) -> torch.Tensor:
 
 
 def apply_folded(x: torch.Tensor, f: dict, *, eager: bool, portable: bool, onednn: bool = False) -> torch.Tensor:
-    """The block's output from its folded tensors ``f`` (:func:`fold`; with ``portable`` or ``onednn``,
-    :func:`conv_layout`).
+    """The block's output from its folded tensors ``f``: :func:`fold`'s, in :func:`conv_layout` for ``portable``
+    and ``onednn`` (the GEMM form takes either layout).
 
     ``eager``: the in-place / ``out=`` layouts measured fastest in eager mode (not for traced graphs);
     ``portable``: every matrix product as a convolution, all maps 4-D (what exports get);
@@ -336,11 +334,8 @@ def apply_folded(x: torch.Tensor, f: dict, *, eager: bool, portable: bool, onedn
         return torch.addcmul(z, y, F.hardsigmoid(F.conv2d(g, f["we"], f["be"])))
     if onednn:
         y = _ffn_onednn(z, f)
-        g = F.hardswish(F.linear(y.mean((2, 3)), f["wr"].flatten(1), f["br"]))
-        g = F.hardsigmoid(F.linear(g, f["we"].flatten(1), f["be"]))
-        return torch.addcmul(z, y, g[:, :, None, None])
-    hid = F.hardswish(_pointwise(z, f["w1"], f["b1"]), inplace=True)
-    y = _pointwise(hid, f["w2"], f["b2"])
+    else:
+        y = _pointwise(F.hardswish(_pointwise(z, f["w1"], f["b1"]), inplace=True), f["w2"], f["b2"])
     g = F.hardswish(F.linear(y.mean((2, 3)), f["wr"].flatten(1), f["br"]))
     g = F.hardsigmoid(F.linear(g, f["we"].flatten(1), f["be"]))
     return torch.addcmul(z, y, g[:, :, None, None])
@@ -353,9 +348,8 @@ def fast_forward(block, x: torch.Tensor) -> torch.Tensor | None:
     if torch.compiler.is_compiling():  # torch.compile / torch.export: folds in the graph, no cache
         if not _traced_ok(block, x):
             return None
-        # the 1x1 convs as convolutions and, with impl "auto", the ParC steps too (resolve_impl): what a compiler
-        # maps best onto its convolution library (oneDNN under inductor, with prepacked weights when freezing);
-        # measured on ParC-Net-S's blocks against the eager layout compiled: 1.4-2.0x faster
+        # with impl "auto" the ParC steps as convolutions (resolve_impl); the FFN through oneDNN's channels-last
+        # 1x1 conv, or with freezing as plain 1x1 convs, which inductor prepacks for oneDNN
         f = conv_layout(fold(block, x, fuse_fft=False))
         if _compiled_onednn(x):
             return apply_folded(x, f, eager=False, portable=False, onednn=True)

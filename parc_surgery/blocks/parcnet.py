@@ -17,7 +17,7 @@ from torch import nn
 from ..carry import CarryBuilder, CarryRecord
 from ..errors import UnsupportedTargetError
 from ..helpers import as_kernel_hw
-from ..ops.functional import is_portable
+from ..ops.functional import portable_ops_only
 from ._registry import BlockContext, ReplacementBlock, register_block
 from .metaformer import ParCMetaFormerBlock, init_conv_fan_out
 
@@ -210,8 +210,7 @@ class ParCNetBlock(ReplacementBlock):
         if (
             torch.compiler.is_compiling()
             and not torch.is_grad_enabled()  # inference only (autograd keeps the convolution's own backward)
-            and not torch.compiler.is_exporting()
-            and not is_portable()
+            and not portable_ops_only()
             and type(proj) is ConvNormAct
             and getattr(proj, "aa", None) is None
             and type(conv) is nn.Conv2d

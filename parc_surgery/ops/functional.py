@@ -69,6 +69,7 @@ __all__ = [
     "parc_fft",
     "parc_spatial",
     "portable_form",
+    "portable_ops_only",
     "prepare",
     "prepare_kernel",
     "resize_kernel",
@@ -258,6 +259,12 @@ def portable_form() -> Iterator[None]:
 def is_portable() -> bool:
     """True inside :func:`portable_form`."""
     return _PORTABLE[-1]
+
+
+def portable_ops_only() -> bool:
+    """True inside :func:`portable_form` or a ``torch.export`` trace: only ops every exporter and runtime has
+    (no oneDNN-specific op, no rewrite that only pays off under inductor)."""
+    return _PORTABLE[-1] or torch.compiler.is_exporting()
 
 
 def split_pe(x: torch.Tensor, pe: torch.Tensor | None, n: int, axis: Axis) -> tuple[torch.Tensor, torch.Tensor | None]:
