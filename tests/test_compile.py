@@ -20,7 +20,7 @@ from torch import nn
 import parc_surgery  # noqa: F401  (registers the parc* timm models)
 from parc_surgery.blocks import _metaformer_eval as fe
 from parc_surgery.blocks.parc_split import ParCSplit
-from parc_surgery.ops import ParC, use_impl
+from parc_surgery.ops import ParC, choose_impl, use_impl
 
 RTOL = 1e-5  # compiled vs eager, relative to the largest output (the issue's bound)
 
@@ -188,6 +188,27 @@ def test_compiled_inference_forms_and_exports_stay_portable():
         exported = torch.export.export(m, (x,))
     ops = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
     assert ops and not any("mkldnn" in t for t in ops)
+
+
+def test_compiled_parc_resnet50_runs_its_dense_parc_as_convolutions():
+    """ParC-ResNet50 at 224x224: eager ``auto`` runs its dense ParC layers on 14-long lines through the FFT
+    operator; compiled for inference every dense ParC is a convolution (faster there), with the same outputs."""
+    torch.manual_seed(0)
+    m = timm.create_model("parc_resnet50", num_classes=10).eval()
+    x = torch.randn(1, 3, 224, 224)
+    nodes: list[str] = []
+
+    def backend(gm, inputs):
+        nodes.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    with torch.no_grad():
+        y = torch.compile(m, backend=backend, fullgraph=True)(x)
+        with use_impl(m, "fft"):  # what eager auto picks at these lengths: the FFT operator
+            ref = m(x)
+    assert choose_impl(14, axis="height", channels=256, dense=True, dtype=torch.float32, grad=False) == "fft"
+    assert nodes and not any("fft_correlate" in t for t in nodes)
+    assert _rel(y, ref) <= RTOL
 
 
 def test_compiled_model_follows_weight_changes():
