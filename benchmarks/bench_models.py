@@ -206,9 +206,19 @@ def onnx_variant(model: nn.Module, x: torch.Tensor, threads: int, tmpdir: str, t
 
 
 def time_interleaved(
-    variants: dict[str, tuple[Callable, Callable]], *, repeats: int, warmup: int, min_sample_s: float
+    variants: dict[str, tuple[Callable, Callable]],
+    *,
+    repeats: int,
+    warmup: int,
+    min_sample_s: float,
+    settle_s: float = 0.02,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each variant, one sample per round, round-robin with the order rotated every round."""
+    """Seconds per call of each variant, one sample per round, round-robin with the order rotated every round.
+
+    Before each sample: the variant's setup, ``settle_s`` of sleep (the previous variant's runtime may keep its
+    worker threads spinning for a while after its last call: OpenMP, TBB in OpenVINO, pthreadpool in XNNPACK;
+    on a 2-core machine they would steal the second core from the next variant's two threads) and one untimed
+    call (the variant's weights back in cache), so each sample is that variant's steady state."""
     inner: dict[str, int] = {}
     for name, (setup, call) in variants.items():
         setup()
@@ -225,6 +235,8 @@ def time_interleaved(
         for k in order:
             setup, call = variants[k]
             setup()
+            time.sleep(settle_s)
+            call()
             n = inner[k]
             t0 = _clock()
             for _ in range(n):

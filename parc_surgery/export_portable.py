@@ -134,7 +134,7 @@ class PortableParCSplit(nn.Module):
         return y if self.offset is None else y + self.offset
 
     def extra_repr(self) -> str:
-        return f"hw={self.hw}, dense={self.dense}, position_offset={self.offset is not None}"
+        return f"hw={self.hw}, dense={self.dense}, position_offset={self.offset is not None or self.off_h is not None}"
 
 
 class _ActAfterNorm(nn.Module):
@@ -164,6 +164,8 @@ def _norms_after_splits(model: nn.Module) -> dict[str, str]:
     """``{ParCSplit path: BatchNorm path}`` for each ParCSplit called once whose output feeds nothing but one
     BatchNorm called once (from a ``torch.fx`` trace of ``model`` with both as leaves; empty if it does not trace)."""
     norm_types = (nn.BatchNorm2d,)  # timm's BatchNormAct2d is a subclass
+    if not any(isinstance(m, ParCSplit) for m in model.modules()):
+        return {}
     gm, _ = trace_model(model, leaf_types=(ParCSplit, *norm_types))
     if gm is None:
         return {}
@@ -232,6 +234,8 @@ def to_portable(model: nn.Module, x: torch.Tensor, *, offsets_as: str = "map") -
     """A copy of ``model`` in eval mode with its ParC layers and blocks frozen, in the portable form, at the
     sizes they see for the input ``x`` (see the module docstring); ``offsets_as``: how frozen ParCSplits add
     position offsets (:class:`PortableParCSplit`). ``model`` itself is not changed."""
+    if offsets_as not in OFFSET_LAYOUTS:
+        raise ConfigError(f"to_portable: offsets_as must be one of {OFFSET_LAYOUTS}, got {offsets_as!r}")
     out = copy.deepcopy(model).eval()
     sizes = _record_sizes(out, x)
     frozen: list[tuple[str, nn.Module]] = []

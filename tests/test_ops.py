@@ -12,7 +12,7 @@ from torch import nn
 
 from parc_surgery import ConfigError, ParC
 from parc_surgery.ops import choose_impl, parc_conv, parc_fft, parc_spatial, resize_kernel
-from parc_surgery.ops.parc import _TAPS_MAX, FFT_MIN_LENGTH, FFT_MIN_LENGTH_DENSE, resolve_impl
+from parc_surgery.ops.parc import _TAPS_MAX, _TAPS_MAX_NUMEL, FFT_MIN_LENGTH, FFT_MIN_LENGTH_DENSE, resolve_impl
 
 SIZES = (1, 2, 3, 7, 8, 14, 28, 56)
 
@@ -577,14 +577,16 @@ def _compiled_targets(m, x, *, grad=False):
 
 
 @pytest.mark.parametrize(
-    ("n", "grad", "form"), [(14, False, "taps"), (_TAPS_MAX + 8, False, "conv"), (14, True, "spatial")]
+    ("n", "batch", "grad", "form"),
+    [(14, 1, False, "taps"), (_TAPS_MAX + 8, 1, False, "conv"), (14, 4096, False, "conv"), (14, 1, True, "spatial")],
 )
-def test_compiled_depthwise_auto_form(n, grad, form):
-    """A depthwise ParC on ``auto`` in a compiled graph: for inference, lines up to ``_TAPS_MAX`` as shifted
-    multiply-adds (no convolution, no GEMM: inductor fuses them), longer lines as the conv; with autograd the
-    circulant GEMMs, as in eager."""
+def test_compiled_depthwise_auto_form(n, batch, grad, form):
+    """A depthwise ParC on ``auto`` in a compiled graph: for inference, lines up to ``_TAPS_MAX`` on inputs of up to
+    ``_TAPS_MAX_NUMEL`` elements as shifted multiply-adds (no convolution, no GEMM: inductor fuses them), longer
+    lines or larger inputs as the conv; with autograd the circulant GEMMs, as in eager."""
     m = make(4, n, "width", impl="auto", dtype=torch.float32).eval()
-    x = torch.randn(1, 4, 5, n, requires_grad=grad)
+    x = torch.randn(batch, 4, 5, n, requires_grad=grad)
+    assert (x.numel() <= _TAPS_MAX_NUMEL) == (batch == 1)
     nodes, y, ref = _compiled_targets(m, x, grad=grad)
     # the same function: float32 rounding of different summation orders, relative to the output's scale
     assert float((y - ref).detach().abs().max() / ref.detach().abs().max()) < 1e-5

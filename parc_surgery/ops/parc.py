@@ -96,7 +96,8 @@ def choose_impl(
 
 
 _DENSE_CONV_MAX = 32  # dense ParC lines up to this length run as the reference conv in compiled inference
-_TAPS_MAX = 32  # depthwise ParC lines up to this length run as shifted multiply-adds in compiled inference
+_TAPS_MAX = 32  # depthwise ParC lines up to this length run as shifted multiply-adds in compiled inference,
+_TAPS_MAX_NUMEL = 1 << 18  # on inputs of at most this many elements
 
 
 def resolve_impl(
@@ -107,9 +108,12 @@ def resolve_impl(
     ``impl`` itself, or for ``auto`` what :func:`choose_impl` picks for this call's size, dtype and autograd,
     changed in a compiled graph without autograd (``torch.compile`` for inference, where the circulant GEMMs run
     as one small GEMM per channel): a depthwise ``spatial`` becomes ``taps`` for lines of at most ``_TAPS_MAX``
-    (shifted multiply-adds that inductor fuses with the circular extension, the offset and the following
-    BatchNorm / activation: 0.36-0.85x the time of the ``conv`` form for one ParC at 7-32 pixel lines, batch 1
-    and 8, one thread, but 1.47x at 56 along the width) and ``conv`` beyond, except under ``torch.export``, which
+    on inputs of at most ``_TAPS_MAX_NUMEL`` elements (shifted multiply-adds that inductor fuses with the
+    circular extension, the offset and the following BatchNorm / activation: 0.36-0.85x the time of the ``conv``
+    form for one ParC at 7-32 pixel lines, batch 1 and 8, one thread, but 1.47x at 56 along the width; on the whole
+    of ParC-MobileNetV2, 0.96 vs 0.88x its baseline's speed compiled at batch 1, but 0.93 vs 0.95x at batch 8,
+    where its maps hold 0.6-0.9 M elements, and 0.91 vs 0.95x with freezing) and ``conv`` otherwise, except
+    under ``torch.export``, which
     keeps ``conv``, and with ``taps=False``, which the ParC-MetaFormer fast path passes for its chained steps
     (ParC-Net-S compiled, batch 1, two threads: 1.04x MobileViT-S's speed with ``taps`` there, 1.26x with
     ``conv``; the loss is at its 32-long lines, 1.24x with ``taps`` up to 16; why was not investigated: perhaps
@@ -126,7 +130,8 @@ def resolve_impl(
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         form = choose_impl(n, axis=axis, channels=weight.shape[0], dense=dense, dtype=x.dtype, grad=grad)
         if not grad and torch.compiler.is_compiling():
-            if taps and form == "spatial" and not dense and n <= _TAPS_MAX and not portable_ops_only():
+            short = n <= _TAPS_MAX and x.numel() <= _TAPS_MAX_NUMEL
+            if taps and form == "spatial" and not dense and short and not portable_ops_only():
                 return "taps"
             if form == "spatial" or (dense and n <= _DENSE_CONV_MAX):
                 return "conv"
