@@ -31,7 +31,8 @@ class HealConfig:
     recon_lr / distill_lr: AdamW peak learning rates (linear warm-up, cosine decay to 0). Stage 2's
         default 5e-4 (was 2e-4) lowered the benchmark's KL for MobileViT-XXS and raised a DeiT's
         agreement after 600 steps from 88 % to 94 %; ViTs whose attention is all replaced gain from
-        more (``distill_lr=3e-3``, ``trainable="replaced+norms"``, ``temperature=4``: see benchmarks/README.md).
+        more (``distill_lr=3e-3``, ``trainable="replaced+norms"``, ``temperature=4``, and a patient schedule on
+        augmented images, ``distill_steps=3000, augment="shift:4"``: see benchmarks/README.md).
     cosine: weight of a (1 - cosine similarity) term added to stage 1's normalised MSE.
     temperature: distillation temperature of stage 2's KL (the loss is scaled by T^2).
     features: weight of a hidden-state alignment term added to stage 2's KL: each target's output in
