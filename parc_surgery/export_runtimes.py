@@ -193,19 +193,32 @@ def _executorch_load(files: list[Path], threads: int | None) -> Callable[[torch.
 
 # ----- registry --------------------------------------------------------------------------------------------------
 class Runtime:
-    """One export target: ``write(ep, x, files, opset=)``, ``census(files[0])``, ``load(files, threads)``."""
+    """One export target: ``write(ep, x, files, opset=)``, ``census(files[0])``, ``load(files, threads)``, and
+    ``offsets_as``, the position-offset layout of frozen ParCSplits it runs fastest
+    (:data:`parc_surgery.export_portable.OFFSET_LAYOUTS`)."""
 
-    def __init__(self, fmt: str, write, census, load, what: str):
+    def __init__(self, fmt: str, write, census, load, what: str, offsets_as: str):
         self.format, self.write, self.census, self.load, self.what = fmt, write, census, load, what
+        self.offsets_as = offsets_as
 
 
 _RUNTIMES = {
-    "onnx": Runtime("onnx", _onnx_write, onnx_ops, _onnx_load, "onnxruntime (CPU execution provider)"),
+    "onnx": Runtime("onnx", _onnx_write, onnx_ops, _onnx_load, "onnxruntime (CPU execution provider)", "map"),
     "openvino": Runtime(
-        "openvino", _openvino_write, openvino_ops, _openvino_load, "OpenVINO CPU plugin, inference precision f32"
+        "openvino",
+        _openvino_write,
+        openvino_ops,
+        _openvino_load,
+        "OpenVINO CPU plugin, inference precision f32",
+        "lines",
     ),
     "executorch": Runtime(
-        "executorch", _executorch_write, executorch_ops, _executorch_load, "ExecuTorch runtime, XNNPACK delegate"
+        "executorch",
+        _executorch_write,
+        executorch_ops,
+        _executorch_load,
+        "ExecuTorch runtime, XNNPACK delegate",
+        "lines",
     ),
 }
 

@@ -182,7 +182,7 @@ def export(
     x = example_input(model, size, batch=batch, in_chans=in_chans)
     with eval_mode(model), torch.no_grad():
         ref = _leaves(model(x))
-        deploy = to_portable(model, x)
+        deploy = to_portable(model, x, offsets_as=runtime.offsets_as)
     if not ref:
         raise ConfigError("export: the model's output holds no tensor to compare")
     tmpdir = Path(tempfile.mkdtemp(dir=files[0].parent, prefix=f".{files[0].name}."))

@@ -19,8 +19,9 @@ import parc_surgery
 from parc_surgery import CheckpointError, ConfigError, ParC, ValidationError
 from parc_surgery import exporter as exp
 from parc_surgery.blocks.metaformer import ParCMetaFormerBlock
+from parc_surgery.blocks.parc_split import ParCSplit
 from parc_surgery.cli import cli
-from parc_surgery.export_portable import PortableMetaFormer, PortableParC, to_portable
+from parc_surgery.export_portable import PortableMetaFormer, PortableParC, PortableParCSplit, to_portable
 from parc_surgery.export_runtimes import FORMATS, get_runtime
 
 pytest.importorskip("onnxruntime")
@@ -167,6 +168,67 @@ def test_portable_form_freezes_per_size_and_refuses_other_sizes():
     assert isinstance(d2.m["p"], ParC)
     d3 = to_portable(nn.Sequential(nn.Identity(), ParC(8, 6, "height")), torch.randn(1, 8, 5, 6))
     assert isinstance(d3[1], PortableParC) and d3[1].n == 5
+
+
+def _random_bn(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    with torch.no_grad():
+        for t in (bn.weight, bn.bias, bn.running_mean):
+            t.copy_(torch.randn_like(t))
+        bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
+    return bn
+
+
+class _SplitThenNorm(nn.Module):
+    def __init__(self, split, bn, *, reuse=False):
+        super().__init__()
+        self.split, self.bn, self.reuse = split, bn, reuse
+
+    def forward(self, x):
+        y = self.split(x)
+        return torch.relu(self.bn(y) + (y if self.reuse else 0))
+
+
+@pytest.mark.parametrize(("dense", "pe"), [(False, True), (False, False), (True, True)])
+def test_portable_split_folds_the_batchnorm_it_feeds(dense, pe):
+    """A ParCSplit whose output feeds only a BatchNorm: the norm folded into its kernels and offset (conv biases
+    without PE, one position map with it); kept apart when the split's output is used twice. Same function."""
+    torch.manual_seed(0)
+    for reuse, offsets_as in ((False, "map"), (False, "lines"), (True, "map")):
+        split = ParCSplit(8, (6, 5), dense=dense, pe=pe)
+        model = _SplitThenNorm(split, _random_bn(nn.BatchNorm2d(8)), reuse=reuse).double().eval()
+        x = torch.randn(2, 8, 6, 5, dtype=torch.float64)
+        d = to_portable(model, x, offsets_as=offsets_as)
+        assert isinstance(d.split, PortableParCSplit) and isinstance(model.split, ParCSplit)  # a copy
+        assert isinstance(d.bn, nn.Identity if not reuse else nn.BatchNorm2d)
+        assert (d.split.bias_h is None) == pe
+        assert (d.split.offset is not None, d.split.off_h is not None) == (
+            pe and offsets_as == "map",
+            pe and offsets_as == "lines",
+        )
+        with torch.no_grad():
+            torch.testing.assert_close(d(x), model(x), rtol=1e-10, atol=1e-10)  # float64: rounding only
+        with pytest.raises(ConfigError, match=r"frozen for inputs of size \(6, 5\)"):
+            d(torch.randn(2, 8, 6, 6, dtype=torch.float64))
+    with pytest.raises(ConfigError, match=r"offsets_as must be one of \('map', 'lines'\), got 'grid'"):
+        to_portable(model, x, offsets_as="grid")
+
+
+def test_portable_inverted_residual_keeps_the_activation():
+    """timm's BatchNormAct2d after the ParC-MobileNetV2 split: the norm folded, its activation kept."""
+    torch.manual_seed(0)
+    model = _model("parc_mobilenetv2_100")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _random_bn(m)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    d = to_portable(model, x)
+    blocks = [b for b in d.modules() if isinstance(getattr(b, "conv_dw", None), PortableParCSplit)]
+    assert len(blocks) == sum(isinstance(m, ParCSplit) for m in model.modules()) > 0
+    assert all(not isinstance(b.bn2, nn.BatchNorm2d) and isinstance(b.bn2.act, nn.ReLU6) for b in blocks)
+    with torch.no_grad():
+        ref = model(x)
+        # float32, folded vs unfolded BatchNorm: rounding, relative to the output's scale
+        assert float((d(x) - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
 
 
 def test_cli_export(tmp_path):

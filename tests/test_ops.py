@@ -12,7 +12,7 @@ from torch import nn
 
 from parc_surgery import ConfigError, ParC
 from parc_surgery.ops import choose_impl, parc_conv, parc_fft, parc_spatial, resize_kernel
-from parc_surgery.ops.parc import FFT_MIN_LENGTH, FFT_MIN_LENGTH_DENSE
+from parc_surgery.ops.parc import _TAPS_MAX, FFT_MIN_LENGTH, FFT_MIN_LENGTH_DENSE, resolve_impl
 
 SIZES = (1, 2, 3, 7, 8, 14, 28, 56)
 
@@ -360,7 +360,7 @@ def test_bad_impl_or_axis_at_call_time():
         parc_spatial(x, w, None, "depth")
     with pytest.raises(ConfigError, match=r"axis must be one of.*'depth'"):
         parc_fft(x, w, None, "depth")
-    with pytest.raises(ConfigError, match=r"impl must be one of \('spatial', 'fft', 'conv'\).*'auto'"):
+    with pytest.raises(ConfigError, match=r"impl must be one of \('spatial', 'fft', 'conv', 'taps'\).*'auto'"):
         parc_conv(x, w, None, None, "height", False, "auto")
     with pytest.raises(ConfigError, match=r"axis must be one of.*'diagonal'"):
         choose_impl(64, axis="diagonal")
@@ -546,3 +546,78 @@ def test_compiled_dense_auto_form(n, grad, form):
     assert float((y - ref).detach().abs().max() / ref.detach().abs().max()) < 1e-5
     assert any("fft_correlate" in t for t in nodes) == (form == "fft")
     assert any("conv2d" in t for t in nodes) == (form == "conv")
+
+
+@pytest.mark.parametrize("axis", ["height", "width"])
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_taps_form_is_the_correlation(axis, n):
+    """The ``taps`` form (shifted multiply-adds) computes the portable ``conv`` form's function, PE and bias
+    included; dense kernels fall back to the conv (float64: only summation order differs)."""
+    for dense in (False, True):
+        m = make(3, 5, axis, dense=dense)
+        x = torch.randn(2, 3, n if axis == "height" else 4, 4 if axis == "height" else n, dtype=torch.float64)
+        ref = parc_conv(x, m.weight, m.pe, m.bias, axis, dense, "conv")
+        got = parc_conv(x, m.weight, m.pe, m.bias, axis, dense, "taps")
+        assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-12)
+
+
+def _compiled_targets(m, x, *, grad=False):
+    nodes: list[str] = []
+
+    def backend(gm, inputs):
+        nodes.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(grad):
+        y = torch.compile(m, backend=backend, fullgraph=True)(x)
+        ref = m(x)
+    torch._dynamo.reset()
+    return nodes, y, ref
+
+
+@pytest.mark.parametrize(
+    ("n", "grad", "form"), [(14, False, "taps"), (_TAPS_MAX + 8, False, "conv"), (14, True, "spatial")]
+)
+def test_compiled_depthwise_auto_form(n, grad, form):
+    """A depthwise ParC on ``auto`` in a compiled graph: for inference, lines up to ``_TAPS_MAX`` as shifted
+    multiply-adds (no convolution, no GEMM: inductor fuses them), longer lines as the conv; with autograd the
+    circulant GEMMs, as in eager."""
+    m = make(4, n, "width", impl="auto", dtype=torch.float32).eval()
+    x = torch.randn(1, 4, 5, n, requires_grad=grad)
+    nodes, y, ref = _compiled_targets(m, x, grad=grad)
+    # the same function: float32 rounding of different summation orders, relative to the output's scale
+    assert float((y - ref).detach().abs().max() / ref.detach().abs().max()) < 1e-5
+    has_conv = any("conv2d" in t for t in nodes)
+    has_gemm = any(k in t for t in nodes for k in ("bmm", "matmul"))
+    assert (has_conv, has_gemm) == {"taps": (False, False), "conv": (True, False), "spatial": (False, True)}[form]
+
+
+def test_taps_never_in_exports_nor_chained_metaformer_steps():
+    """``torch.export`` keeps the portable conv (exporters get slice + concat + depthwise conv), and
+    ``taps=False`` (the ParC-MetaFormer's chained steps) keeps the conv in compiled inference."""
+    m = make(4, 8, "height", impl="auto", dtype=torch.float32).eval()
+    x = torch.randn(1, 4, 8, 6)
+    with torch.no_grad():
+        ep = torch.export.export(m, (x,))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert any("conv2d" in t or "convolution" in t for t in targets)
+    seen = []
+
+    def backend(gm, inputs):
+        return gm
+
+    def f(x):
+        seen.append(
+            (
+                resolve_impl("auto", x, m.weight, "height", False),
+                resolve_impl("auto", x, m.weight, "height", False, taps=False),
+            )
+        )
+        return x + 1
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(f, backend=backend, fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert seen == [("taps", "conv")]

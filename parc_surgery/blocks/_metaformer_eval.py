@@ -54,7 +54,17 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from ..ops import ParC, resize_kernel, resolve_impl
 from ..ops.functional import SHORT_LINE, apply_kernel, fold_pe_enabled, is_portable, portable_ops_only, prepare
 
-__all__ = ["apply_folded", "conv_layout", "fast_forward", "fold", "foldable", "onednn_ok", "reference_forward"]
+__all__ = [
+    "apply_folded",
+    "bn_affine",
+    "bn_foldable",
+    "conv_layout",
+    "fast_forward",
+    "fold",
+    "foldable",
+    "onednn_ok",
+    "reference_forward",
+]
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> {key: (stamp, folded)}
 _CACHE_SIZE = 8
@@ -94,7 +104,8 @@ def _global_hooks() -> bool:
     return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
 
 
-def _bn_ok(bn) -> bool:
+def bn_foldable(bn) -> bool:
+    """A plain ``nn.BatchNorm2d`` with running statistics: in eval an affine map (:func:`bn_affine`)."""
     return type(bn) is nn.BatchNorm2d and bn.running_mean is not None and bn.running_var is not None
 
 
@@ -104,7 +115,7 @@ def foldable(block) -> bool:
     parcs = (block.parc_1_h, block.parc_2_w, block.parc_1_w, block.parc_2_h)
     return (
         all(type(p) is ParC and not p.dense for p in parcs)
-        and all(_bn_ok(b) for b in (block.norm_1, block.norm_2, ffn.norm, ca.bn1, ca.bn2))
+        and all(bn_foldable(b) for b in (block.norm_1, block.norm_2, ffn.norm, ca.bn1, ca.bn2))
         and type(ffn.fc1) is nn.Conv2d
         and type(ffn.fc2) is nn.Conv2d
         and type(ffn.act) is nn.Hardswish
@@ -166,7 +177,8 @@ def _scan(block, x) -> tuple | None:
     return tuple(stamp)
 
 
-def _bn_affine(bn: nn.BatchNorm2d, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_affine(bn: nn.BatchNorm2d, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` with ``bn(x) == x * scale + shift`` per channel in eval (running statistics)."""
     scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.to(dtype)
@@ -182,8 +194,8 @@ def _constant_map(block, h: int, w: int, dt: torch.dtype) -> torch.Tensor:
     plus the ParC's own PE term; half 2 the same with the axes swapped. (The reference mixer on a zero map
     computes the same, at the cost of a whole forward of the mixer.)"""
     d = block.half
-    s1, t1 = _bn_affine(block.norm_1, dt)
-    s2, t2 = _bn_affine(block.norm_2, dt)
+    s1, t1 = bn_affine(block.norm_1, dt)
+    s2, t2 = bn_affine(block.norm_2, dt)
     a1, a2 = t1.view(1, d, 1, 1), t2.view(1, d, 1, 1)
     if block.pe_1 is not None:
         a1 = a1 + s1.view(1, d, 1, 1) * resize_kernel(block.pe_1.to(dt), h, "height")  # (1, d, H, 1)
@@ -200,13 +212,13 @@ def fold(block, x: torch.Tensor, *, fuse_fft: bool) -> dict:
     """
     h, w = x.shape[2], x.shape[3]
     dt = x.dtype
-    s1, _ = _bn_affine(block.norm_1, dt)
-    s2, _ = _bn_affine(block.norm_2, dt)
+    s1, _ = bn_affine(block.norm_1, dt)
+    s2, _ = bn_affine(block.norm_2, dt)
     scale = torch.cat([s1, s2]).view(-1, 1, 1, 1)
     wh = torch.cat([block.parc_1_h.weight, block.parc_2_h.weight]).to(dt) * scale  # (D, 1, K_h, 1)
     ww = torch.cat([block.parc_1_w.weight, block.parc_2_w.weight]).to(dt)  # (D, 1, 1, K_w)
-    impl_h = resolve_impl(block.parc_1_h.impl, x, wh, "height", False)
-    impl_w = resolve_impl(block.parc_1_w.impl, x, ww, "width", False)
+    impl_h = resolve_impl(block.parc_1_h.impl, x, wh, "height", False, taps=False)  # chained steps: see resolve_impl
+    impl_w = resolve_impl(block.parc_1_w.impl, x, ww, "width", False, taps=False)
     out: dict = {"impl_h": impl_h, "impl_w": impl_w}
     if fuse_fft and impl_h == "fft" and impl_w == "fft":  # one 2-D transform: product of both conjugate spectra
         kh = resize_kernel(wh, h, "height").flatten(1)  # (D, H)
@@ -217,7 +229,7 @@ def fold(block, x: torch.Tensor, *, fuse_fft: bool) -> dict:
         out["kw"] = prepare(ww, None, None, w, "width", False, impl_w, dt)[0]
     out["const"] = _constant_map(block, h, w, dt)
     ffn, ca = block.ffn, block.ca
-    fs, ft = _bn_affine(ffn.norm, dt)
+    fs, ft = bn_affine(ffn.norm, dt)
     w1 = ffn.fc1.weight.to(dt)
     b1 = w1.flatten(1) @ ft
     out["w1"] = (w1 * fs.view(1, -1, 1, 1)).flatten(1)
@@ -225,7 +237,7 @@ def fold(block, x: torch.Tensor, *, fuse_fft: bool) -> dict:
     out["w2"] = ffn.fc2.weight.to(dt).flatten(1)
     out["b2"] = None if ffn.fc2.bias is None else ffn.fc2.bias.to(dt)[:, None]
     for conv, bn, tag in ((ca.reduce, ca.bn1, "r"), (ca.expand, ca.bn2, "e")):
-        s, t = _bn_affine(bn, dt)
+        s, t = bn_affine(bn, dt)
         wt = conv.weight.to(dt).flatten(1) * s[:, None]
         out[f"w{tag}"] = wt
         out[f"b{tag}"] = t if conv.bias is None else t + s * conv.bias.to(dt)

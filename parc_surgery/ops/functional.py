@@ -26,6 +26,10 @@ Two implementations of the same function, each split into *prepare* (kernel only
   lines along the axis (slice + concat) and run a valid (depthwise) convolution with the length-N kernel.
   Every exporter and edge runtime has these three ops; :func:`portable_form` makes every ParC use it
   (:func:`parc_surgery.export` does, so no ``DFT`` or ``Pad(mode=wrap)`` reaches an exported graph).
+* taps (depthwise only, for ``torch.compile``): the same valid correlation over the circularly extended map
+  written as N shifted multiply-adds, which inductor fuses into one loop with the extension, the offset and
+  whatever pointwise work follows (the next BatchNorm and activation), where ``conv`` is an external call
+  between copies. Never exported (:func:`~parc_surgery.ops.resolve_impl` picks it only in compiled inference).
 
 The position embedding is added before the correlation and the bias after; since the correlation is
 linear, both fold into one additive term ``offset = corr(pe) + bias`` (per channel, along the axis),
@@ -46,10 +50,10 @@ from ..vocab import IMPLS, Impl
 from .fft import fft_correlate
 
 Axis = Literal["height", "width"]
-Form = Literal["spatial", "fft", "conv"]  # what an impl resolves to for one call (``conv``: the portable form)
+Form = Literal["spatial", "fft", "conv", "taps"]  # what an impl resolves to for one call (``conv``: the portable form)
 
 AXES = ("height", "width")
-FORMS = ("spatial", "fft", "conv")
+FORMS = ("spatial", "fft", "conv", "taps")
 SHORT_LINE = 8  # lines up to this length: one GEMM per channel over the whole batch (see _apply_spatial)
 
 __all__ = [
@@ -63,6 +67,7 @@ __all__ = [
     "add_pe",
     "apply_kernel",
     "circulant",
+    "circular_conv",
     "fold_pe_enabled",
     "is_portable",
     "parc_conv",
@@ -129,12 +134,12 @@ def circulant(w: torch.Tensor) -> torch.Tensor:
 def prepare_kernel(weight: torch.Tensor, axis: Axis, dense: bool, impl: Form) -> torch.Tensor:
     """Turn a length-N weight into what :func:`apply_kernel` consumes (cacheable: depends on the kernel only).
 
-    spatial, depthwise: the circulant ``(C, N, N)`` (transposed for ``width``); spatial, dense, and conv: the
+    spatial, depthwise: the circulant ``(C, N, N)`` (transposed for ``width``); spatial, dense, conv and taps: the
     weight itself; fft: the weight as ``(C_out, C_in or 1, N)`` (the custom operator transforms it).
     """
     if impl == "fft":
         return weight.flatten(2)
-    if dense or impl == "conv":
+    if dense or impl in ("conv", "taps"):
         return weight
     mat = circulant(weight.flatten(1))  # (C, N, N): y_col = mat @ x_col
     # width: y_row = x_row @ mat^T, stored contiguous for the GEMM
@@ -194,14 +199,34 @@ def _apply_spatial(
     return _add(y, offset)
 
 
-def _apply_conv(
-    x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor | None, axis: str, dense: bool
+def circular_conv(
+    x: torch.Tensor, kernel: torch.Tensor, axis: Axis, dense: bool, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The portable form: slice + concat (circular extension by N - 1 lines) + valid (depthwise) conv."""
+    """The portable form: slice + concat (circular extension by N - 1 lines) + valid (depthwise) conv with
+    ``bias`` (``(C_out,)``) as the convolution's own bias; ``kernel`` already length N and of ``x``'s dtype."""
     dim = _dim(axis)
     n = x.shape[dim]
     xp = torch.cat([x, x.narrow(dim, 0, n - 1)], dim=dim) if n > 1 else x
-    return _add(F.conv2d(xp, kernel, groups=1 if dense else x.shape[1]), offset)
+    return F.conv2d(xp, kernel, bias, groups=1 if dense else x.shape[1])
+
+
+def _apply_conv(
+    x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor | None, axis: str, dense: bool
+) -> torch.Tensor:
+    return _add(circular_conv(x, kernel, axis, dense), offset)
+
+
+def _apply_taps(x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor | None, axis: str) -> torch.Tensor:
+    """Depthwise: ``sum_k w[:, k] * xp[k : k + N]`` over the circularly extended map ``xp`` (see the module
+    docstring); the same products and sums as :func:`_apply_conv`, as elementwise work a compiler can fuse."""
+    dim = _dim(axis)
+    n = x.shape[dim]
+    xp = torch.cat([x, x.narrow(dim, 0, n - 1)], dim=dim) if n > 1 else x
+    taps = kernel.reshape(kernel.shape[0], n)
+    y = xp.narrow(dim, 0, n) * taps[:, 0].view(1, -1, 1, 1)
+    for k in range(1, n):
+        y = y + xp.narrow(dim, k, n) * taps[:, k].view(1, -1, 1, 1)
+    return _add(y, offset)
 
 
 def apply_kernel(
@@ -219,8 +244,10 @@ def apply_kernel(
     if impl == "fft":
         y = fft_correlate(x.to(kernel.dtype), kernel, _dim(axis), dense)
         return _add(y, offset).to(x.dtype)
-    if impl == "conv":
+    if impl == "conv" or (impl == "taps" and dense):
         return _apply_conv(x, kernel, offset, axis, dense)
+    if impl == "taps":
+        return _apply_taps(x, kernel, offset, axis)
     return _apply_spatial(x, kernel, offset, axis, dense)
 
 
@@ -357,7 +384,7 @@ def parc_conv(
 ) -> torch.Tensor:
     """Full ParC: resize kernel/PE to the input's own axis length, add PE, correlate, add bias.
 
-    ``impl`` must already be resolved (``spatial``, ``fft`` or the portable ``conv``); see
+    ``impl`` must already be resolved (``spatial``, ``fft``, the portable ``conv`` or ``taps``); see
     :func:`parc_surgery.ops.choose_impl`.
     """
     _check_axis(axis)

@@ -35,6 +35,7 @@ from .functional import (
     apply_kernel,
     check_input,
     is_portable,
+    portable_ops_only,
     prepare,
     resize_kernel,
     split_pe,
@@ -95,18 +96,27 @@ def choose_impl(
 
 
 _DENSE_CONV_MAX = 32  # dense ParC lines up to this length run as the reference conv in compiled inference
+_TAPS_MAX = 32  # depthwise ParC lines up to this length run as shifted multiply-adds in compiled inference
 
 
-def resolve_impl(impl: str, x: torch.Tensor, weight: torch.Tensor, axis: str, dense: bool) -> Form:
+def resolve_impl(
+    impl: str, x: torch.Tensor, weight: torch.Tensor, axis: str, dense: bool, *, taps: bool = True
+) -> Form:
     """The form one call runs: ``conv`` inside :func:`~parc_surgery.ops.functional.portable_form` or a
     TorchScript trace (``torch.jit.trace``, the legacy ONNX exporter), else
     ``impl`` itself, or for ``auto`` what :func:`choose_impl` picks for this call's size, dtype and autograd,
-    with ``spatial`` turned into ``conv`` in a compiled graph without autograd (``torch.compile`` for inference:
-    oneDNN's convolutions beat the circulant GEMMs there, which ATen runs as one small GEMM per channel;
-    measured on the bundled conversions, e.g. ParC-MobileNetV2 compiled 1.5x faster with ``conv``), and so is a
-    dense kernel on a line of at most ``_DENSE_CONV_MAX`` (the reference valid convolution, which oneDNN runs on
-    channels-last maps, against the FFT operator's per-frequency products: ParC-ResNet50 compiled, batch 1,
-    34.8 vs 41.4 ms with two threads, 68.2 vs 72.9 ms with one)."""
+    changed in a compiled graph without autograd (``torch.compile`` for inference, where the circulant GEMMs run
+    as one small GEMM per channel): a depthwise ``spatial`` becomes ``taps`` for lines of at most ``_TAPS_MAX``
+    (shifted multiply-adds that inductor fuses with the circular extension, the offset and the following
+    BatchNorm / activation: 0.36-0.85x the time of the ``conv`` form for one ParC at 7-32 pixel lines, batch 1
+    and 8, one thread, but 1.47x at 56 along the width) and ``conv`` beyond, except under ``torch.export``, which
+    keeps ``conv``, and with ``taps=False``, which the ParC-MetaFormer fast path passes for its chained steps
+    (ParC-Net-S compiled, batch 1, two threads: 1.04x MobileViT-S's speed with ``taps`` there, 1.26x with
+    ``conv``; the loss is at its 32-long lines, 1.24x with ``taps`` up to 16; why was not investigated: perhaps
+    inductor inlining one step's sums into the next step's reads). A dense kernel on a line of at most
+    ``_DENSE_CONV_MAX`` becomes ``conv`` (the reference valid
+    convolution, which oneDNN runs on channels-last maps, against the FFT operator's per-frequency products:
+    ParC-ResNet50 compiled, batch 1, 34.8 vs 41.4 ms with two threads, 68.2 vs 72.9 ms with one)."""
     if impl not in IMPLS:
         raise ConfigError(f"ParC: impl must be one of {IMPLS}, got {impl!r}")
     if is_portable() or torch.jit.is_tracing():  # the TorchScript tracer (legacy ONNX export) records views of
@@ -115,8 +125,11 @@ def resolve_impl(impl: str, x: torch.Tensor, weight: torch.Tensor, axis: str, de
         n = x.shape[2] if axis == "height" else x.shape[3]
         grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         form = choose_impl(n, axis=axis, channels=weight.shape[0], dense=dense, dtype=x.dtype, grad=grad)
-        if not grad and torch.compiler.is_compiling() and (form == "spatial" or (dense and n <= _DENSE_CONV_MAX)):
-            return "conv"
+        if not grad and torch.compiler.is_compiling():
+            if taps and form == "spatial" and not dense and n <= _TAPS_MAX and not portable_ops_only():
+                return "taps"
+            if form == "spatial" or (dense and n <= _DENSE_CONV_MAX):
+                return "conv"
         return form
     return impl
 
