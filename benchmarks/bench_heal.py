@@ -37,6 +37,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+import yaml
 from safetensors.torch import load_model, save_model
 from torch.utils.data import TensorDataset
 
@@ -81,13 +82,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inits", default="warm_start,reference", help="conversion inits measured (default: both)")
     p.add_argument("--heal-inits", default=None, help="of --inits, the ones healed and fine-tuned (default: all)")
     p.add_argument("--heal-only", action="store_true", help="only heal the cached teachers' warm-start conversions")
+    p.add_argument("--no-finetune", action="store_true", help="skip the plain fine-tune comparison (for sweeps)")
     p.add_argument("--retrain", action="store_true", help="train the teachers again even if cached")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="teacher and data-split seed (default: 0)")
+    p.add_argument("--heal-seeds", default=None,
+                   help="comma-separated seeds of the conversion and the heal (the teacher stays the --seed one): "
+                        "one heal per seed, each figure and the min reported (default: --seed)")  # fmt: skip
+    p.add_argument("--eval-split", choices=("test", "val"), default="test",
+                   help="where every figure is measured: the 450 test images, or the validation split = the "
+                        "training images heal does not use (train[--images:], 323 with 1,024): choose settings "
+                        "on val, report on test (default: test)")  # fmt: skip
+    p.add_argument("--set", dest="heal_set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="another HealConfig field (repeatable; VALUE a number, else YAML: shift:4)")  # fmt: skip
+    p.add_argument("--results", default=None, help="results file name in --out (default: results[_ddp].json)")
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run of the script)")
     a = p.parse_args(argv)
     kind, _, n = a.teacher_aug.partition(":")
     if a.teacher_aug != "none" and (kind not in ("roll", "shift") or not n.isdigit()):
         p.error(f"--teacher-aug must be none, roll:N or shift:N, got {a.teacher_aug!r}")
+    a.heal_seeds = [int(v) for v in a.heal_seeds.split(",")] if a.heal_seeds else [a.seed]
+    extra = {}
+    for item in a.heal_set:
+        key, eq, value = item.partition("=")
+        if not eq:
+            p.error(f"--set takes FIELD=VALUE, got {item!r}")
+        try:
+            extra[key.strip()] = float(value) if any(c in value for c in ".eE") and "," not in value else int(value)
+        except ValueError:
+            extra[key.strip()] = yaml.safe_load(value)
+    a.heal_set = extra
     if a.quick:
         a.teacher_steps, a.recon_steps, a.distill_steps, a.images = 20, 6, 6, 64
     return a
@@ -207,9 +230,9 @@ def plain_finetune(
     return model
 
 
-def heal_options(args) -> dict:
+def heal_options(args, seed: int) -> dict:
     opts = {"recon_steps": args.recon_steps, "distill_steps": args.distill_steps, "batch_size": args.batch_size,
-            "trainable": args.trainable, "seed": args.seed, "images": args.images}  # fmt: skip
+            "trainable": args.trainable, "seed": seed, "images": args.images, **args.heal_set}  # fmt: skip
     if args.recon_lr is not None:
         opts["recon_lr"] = args.recon_lr
     if args.distill_lr is not None:
@@ -219,49 +242,69 @@ def heal_options(args) -> dict:
     return opts
 
 
+def eval_split(args, train_set, test_set) -> TensorDataset:
+    """The images every figure is measured on: the test split, or the training images heal does not use (val)."""
+    if args.eval_split == "test":
+        return test_set
+    x, y = train_set.tensors
+    if args.images >= len(x):
+        raise SystemExit(f"--eval-split val needs --images < {len(x)} (the validation images are train[--images:])")
+    return TensorDataset(x[args.images :], y[args.images :])
+
+
 def run_model(name: str, args, out: Path, train_set, test_set) -> dict:
     spec = MODELS[name]
     t0 = time.time()
     teacher, meta = train_teacher(name, spec, train_set, args, out)
-    xt, yt = test_set.tensors
+    eval_set = eval_split(args, train_set, test_set)
+    xt, yt = eval_set.tensors
     t_logits = logits_of(teacher, xt)
     acc = compare(t_logits, t_logits, yt)["accuracy"]
-    row = {**spec, "model": name, "teacher_accuracy": acc, "teacher_meta": meta, "inits": {}}
-    log(f"{name}: teacher test accuracy {row['teacher_accuracy']:.4f} ({time.time() - t0:.0f}s)")
+    row = {**spec, "model": name, "eval_split": args.eval_split, "eval_images": len(xt), "teacher_accuracy": acc,
+           "teacher_meta": meta, "inits": {}}  # fmt: skip
+    log(f"{name}: teacher {args.eval_split} accuracy {row['teacher_accuracy']:.4f} on {len(xt)} images "
+        f"({time.time() - t0:.0f}s)")  # fmt: skip
     x_heal = train_set.tensors[0][: args.images]
     y_heal = train_set.tensors[1][: args.images]
     inits = ["warm_start"] if args.heal_only else args.inits.split(",")
     heal_inits = inits if args.heal_inits is None or args.heal_only else args.heal_inits.split(",")
+    suffix = "_ddp" if args.heal_only else ""
     for init in inits:
         conv = parc_surgery.convert(teacher, spec["rule"], input_size=spec["size"], init=init, seed=args.seed)
         r = {
             "targets": [t.name for t in conv.plan.targets],
             "converted": compare(logits_of(conv.model, xt), t_logits, yt),
+            "heals": {},
         }
         row["inits"][init] = r
         if init not in heal_inits:
             log(f"{name} {init}: converted {r['converted']} (not healed)")
             continue
-        t1 = time.time()
-        healed = parc_surgery.heal(conv, x_heal, eval_data=test_set, **heal_options(args))
-        r["heal_seconds"] = round(time.time() - t1, 1)
-        h = healed.report.heal
-        r["heal"] = h.to_dict()
-        for p in h.points:
-            r[p.name] = {
-                "agreement": p.agreement,
-                "kl": p.kl,
-                "accuracy": p.accuracy,
-                "block_error": p.mean_block_error,
-            }
-        before, after = h.point("converted"), h.point("stage 1")
-        if before and after and after.mean_block_error:
-            r["block_error_cut"] = before.mean_block_error / after.mean_block_error
-        if rank() == 0:
-            (out / f"heal_{name}_{init}{'_ddp' if args.heal_only else ''}.md").write_text(healed.report.to_markdown())
-        log(f"{name} {init}: converted {r['converted']}, healed {r.get('stage 2') or r.get('stage 1')} "
-            f"({r['heal_seconds']}s)")  # fmt: skip
-        if not args.heal_only:
+        for seed in args.heal_seeds:  # the conversion and the heal with this seed; the teacher stays the same
+            if seed != args.seed:
+                conv = parc_surgery.convert(teacher, spec["rule"], input_size=spec["size"], init=init, seed=seed)
+            t1 = time.time()
+            healed = parc_surgery.heal(conv, x_heal, eval_data=eval_set, **heal_options(args, seed))
+            h = healed.report.heal
+            rs = {"seed": seed, "heal_seconds": round(time.time() - t1, 1), "heal": h.to_dict()}
+            for p in h.points:
+                rs[p.name] = {"agreement": p.agreement, "kl": p.kl, "accuracy": p.accuracy,
+                              "block_error": p.mean_block_error}  # fmt: skip
+            before, after = h.point("converted"), h.point("stage 1")
+            if before and after and after.mean_block_error:
+                rs["block_error_cut"] = before.mean_block_error / after.mean_block_error
+            r["heals"][str(seed)] = rs
+            if rank() == 0:
+                (out / f"heal_{name}_{init}_seed{seed}{suffix}.md").write_text(healed.report.to_markdown())
+            log(f"{name} {init} seed {seed}: healed {rs.get('stage 2') or rs.get('stage 1')}, block error cut "
+                f"{rs.get('block_error_cut', float('nan')):.2f}x ({rs['heal_seconds']}s)")  # fmt: skip
+        last = [rs.get("stage 2") or rs.get("stage 1") for rs in r["heals"].values()]
+        if all(last):
+            r["min_agreement"] = min(m["agreement"] for m in last)
+            r["min_accuracy"] = min(m["accuracy"] for m in last if m["accuracy"] is not None)
+            log(f"{name} {init}: agreement over seeds {[round(m['agreement'], 4) for m in last]}, min "
+                f"{r['min_agreement']:.4f}; accuracy min {r['min_accuracy']:.4f}")  # fmt: skip
+        if not args.heal_only and not args.no_finetune:
             t2 = time.time()
             torch.manual_seed(args.seed)
             ft = parc_surgery.convert(teacher, spec["rule"], input_size=spec["size"], init=init, seed=args.seed).model
@@ -278,22 +321,26 @@ def run_model(name: str, args, out: Path, train_set, test_set) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        "| model | init | point | top-1 agreement | KL | accuracy | mean block error |",
-        "|---|---|---|---|---|---|---|",
+        "| model | init | seed | point | top-1 agreement | KL | accuracy | mean block error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+
+    def line(model, init, seed, label, m):
+        be = m.get("block_error")
+        be = f"{be:.4f}" if be is not None else ""
+        acc = "" if m["accuracy"] is None else f"{m['accuracy']:.4f}"
+        return f"| {model} | {init} | {seed} | {label} | {m['agreement']:.4f} | {m['kl']:.4f} | {acc} | {be} |"
+
     for row in results["rows"]:
-        lines.append(f"| {row['model']} | | teacher | | | {row['teacher_accuracy']:.4f} | |")
+        lines.append(f"| {row['model']} | | | teacher ({row['eval_split']}) | | | {row['teacher_accuracy']:.4f} | |")
         for init, r in row["inits"].items():
-            for point in ("converted", "stage 1", "stage 2", "finetune"):
-                m = r.get(point)
-                if m is None:
-                    continue
-                label = "plain fine-tune (labels)" if point == "finetune" else point
-                be = m.get("block_error")
-                be = f"{be:.4f}" if be is not None else ""
-                acc = "" if m["accuracy"] is None else f"{m['accuracy']:.4f}"
-                lines.append(f"| {row['model']} | {init} | {label} | {m['agreement']:.4f} | {m['kl']:.4f} | "
-                             f"{acc} | {be} |")  # fmt: skip
+            lines.append(line(row["model"], init, "", "converted", r["converted"]))
+            for seed, rs in r["heals"].items():
+                for point in ("stage 1", "stage 2"):
+                    if rs.get(point):
+                        lines.append(line(row["model"], init, seed, point, rs[point]))
+            if r.get("finetune"):
+                lines.append(line(row["model"], init, "", "plain fine-tune (labels)", r["finetune"]))
     return "\n".join(lines)
 
 
@@ -314,7 +361,8 @@ def main(argv=None) -> dict:
     results = {"args": vars(args), "world_size": world, "torch": torch.__version__, "rows": rows,
                "seconds": round(time.time() - t0, 1), "threads": torch.get_num_threads()}  # fmt: skip
     if rank() == 0:
-        (out / ("results_ddp.json" if args.heal_only else "results.json")).write_text(json.dumps(results, indent=2))
+        name = args.results or ("results_ddp.json" if args.heal_only else "results.json")
+        (out / name).write_text(json.dumps(results, indent=2))
         print(table(results))
         print(f"\n{world} process(es), {results['seconds']} s")
     return results

@@ -260,3 +260,53 @@ def test_stage2_feature_alignment_adds_the_block_outputs(setup):
     aligned = ps.heal(conv, x[:40], features=1.0, **opts).report.heal.stages[0]
     # same weights and first batch: the first loss is the same KL plus the (positive) block-output error
     assert aligned.loss_first > plain.loss_first + 0.1
+
+
+def test_stage2_weight_average_ends_between_the_steps(setup):
+    _, x, _, _, conv = setup
+    opts = {"stages": (2,), "distill_steps": 6, "batch_size": 16, "holdout": 8, "distill_lr": 1e-2}
+    plain = ps.heal(conv, x[:40], **opts).model
+    averaged = ps.heal(conv, x[:40], distill_ema=0.9, **opts).model
+    start = dict(conv.model.named_parameters())
+    a, b = dict(plain.named_parameters()), dict(averaged.named_parameters())
+    moved = [k for k in a if not torch.equal(a[k], start[k])]
+    assert moved and all(k.startswith(("blocks.0.attn.", "blocks.1.attn.")) for k in moved)
+    # the average of the 6 iterates (same run, same batches) differs from the last one and stays finite
+    assert all(not torch.equal(a[k], b[k]) and torch.isfinite(b[k]).all() for k in moved)
+    assert all(torch.equal(b[k], start[k]) for k in start if k not in moved)  # frozen weights stay exact
+
+
+def test_stage2_augmented_images_go_to_the_teacher_too(setup, monkeypatch):
+    _, x, _, _, conv = setup
+    seen = []
+    real = pipeline.TeacherPass.__call__
+
+    def spy(self, images, **kw):
+        seen.append(images.clone())
+        return real(self, images, **kw)
+
+    monkeypatch.setattr(pipeline.TeacherPass, "__call__", spy)
+    out = ps.heal(conv, x[:40], stages=(2,), distill_steps=3, batch_size=16, holdout=8, augment="shift:2,mixup:0.4")
+    assert out.report.heal.stages[0].steps_done == 3
+    assert out.report.heal.to_dict()["config"]["augment"] == ["shift:2", "mixup:0.4"]
+    # recording (2 training batches + 1 held-out batch), then one teacher pass per step on a transformed batch
+    steps = seen[-3:]
+    assert all(s.shape[1:] == x.shape[1:] for s in steps)
+    rows = [r for s in steps for r in s]
+    unchanged = sum(any(torch.equal(r, x[j]) for j in range(40)) for r in rows)
+    assert unchanged < len(rows) // 4  # a zero shift paired with itself in mixup leaves an image as it was: rare
+
+
+def test_augment_specs_shift_and_mix():
+    from parc_surgery.healing.augment import apply_augment, parse_augment
+
+    assert parse_augment(None) == () and parse_augment("shift:3, mixup:0.2") == ("shift:3", "mixup:0.2")
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    y = apply_augment(x, ("shift:2",), g)
+    assert y.shape == x.shape
+    # every output pixel is a pixel of the same image (a translation with replicated edges)
+    assert all(set(y[i].flatten().tolist()) <= set(x[i].flatten().tolist()) for i in range(2))
+    m = apply_augment(x, ("mixup:1.0",), torch.Generator().manual_seed(1))
+    lo, hi = torch.minimum(x, x.flip(0)), torch.maximum(x, x.flip(0))  # 2 images: the partner is the other or itself
+    assert bool(((m >= lo - 1e-4) & (m <= hi + 1e-4)).all())  # tolerance: float blend lam*a + (1-lam)*b

@@ -121,6 +121,12 @@ def test_conversion_without_its_original_needs_a_teacher(conv):
         ({"holdout": 1.0}, "holdout must be a fraction"),
         ({"temperature": 0}, "temperature must be a number > 0"),
         ({"device": "tpu:0"}, "is not a torch device"),
+        ({"distill_ema": 1.0}, "distill_ema must be 0 \\(off\\) or a decay 0 < d < 1"),
+        ({"distill_ema": -0.5}, "distill_ema must be 0 \\(off\\) or a decay"),
+        ({"augment": "flip"}, "unknown augment 'flip' in 'flip'; known: shift:N"),
+        ({"augment": "shift:0"}, "augment 'shift:0': the value after shift: must be an int >= 1"),
+        ({"augment": ("mixup:x",)}, "augment 'mixup:x': the value after mixup: must be a number > 0"),
+        ({"augment": "shift:2", "features": 0.1}, "augment and features cannot be combined"),
     ],
 )
 def test_bad_options(conv, options, match):

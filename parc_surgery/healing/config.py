@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from ..errors import ConfigError
 from ..helpers import close_matches
+from .augment import parse_augment
 
 __all__ = ["TRAINABLE_SETS", "HealConfig", "create_heal_config"]
 
@@ -30,13 +31,20 @@ class HealConfig:
     recon_lr / distill_lr: AdamW peak learning rates (linear warm-up, cosine decay to 0). Stage 2's
         default 5e-4 (was 2e-4) lowered the benchmark's KL for MobileViT-XXS and raised a DeiT's
         agreement after 600 steps from 88 % to 94 %; ViTs whose attention is all replaced gain from
-        more (``distill_lr=3e-3``, ``trainable="replaced+norms"``, ``temperature=4``: see benchmarks/README.md).
+        more (``distill_lr=3e-3``, ``trainable="replaced+norms"``, ``temperature=4``, and a patient schedule on
+        augmented images, ``distill_steps=3000, augment="shift:4"``: see benchmarks/README.md).
     cosine: weight of a (1 - cosine similarity) term added to stage 1's normalised MSE.
     temperature: distillation temperature of stage 2's KL (the loss is scaled by T^2).
     features: weight of a hidden-state alignment term added to stage 2's KL: each target's output in
         the student's own forward against the teacher's recorded output (normalised MSE, as stage 1;
         MOHAWK-style). 0 turns it off and frees the recordings after stage 1.
     trainable: stage 2's trainable set: ``replaced`` (the new blocks), ``replaced+norms``, ``all``.
+    distill_ema: decay of an exponential moving average of stage 2's trainable weights, taken after every
+        step; the healed model gets the averaged weights. 0 turns it off; else 0 < decay < 1 (e.g. 0.99).
+    augment: stage 2 on transformed copies of the images, the teacher run on the same copies (function
+        matching): ``"shift:N"`` (each image translated by up to N pixels, edges replicated) and / or
+        ``"mixup:A"`` (blended with another image of the batch, Beta(A, A)), a comma-separated string or
+        a sequence; empty: the images as given. The teacher then runs every step (see :mod:`.augment`).
     grad_clip: per-block (stage 1) / global (stage 2) gradient-norm clip; None: no clipping.
     device: where the student trains (``cpu``, ``cuda``, ``cuda:1``); None: the local GPU under a
         multi-GPU torchrun, else the device the converted model is on. The teacher stays where it is.
@@ -59,6 +67,8 @@ class HealConfig:
     temperature: float = 1.0
     features: float = 0.0
     trainable: Literal["replaced", "replaced+norms", "all"] = "replaced"
+    distill_ema: float = 0.0
+    augment: tuple[str, ...] = ()
     grad_clip: float | None = 1.0
     device: str | None = None
     cache_mb: int = 2048
@@ -88,6 +98,15 @@ class HealConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"heal: {name} must be a number >= 0, got {v!r}")
+        e = self.distill_ema
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 <= e < 1:
+            raise ConfigError(f"heal: distill_ema must be 0 (off) or a decay 0 < d < 1 such as 0.99, got {e!r}")
+        object.__setattr__(self, "augment", parse_augment(self.augment))
+        if self.augment and self.features:
+            raise ConfigError(
+                "heal: augment and features cannot be combined: the hidden-state alignment compares with the "
+                "teacher's recordings of the images as given; set features=0 or augment=()"
+            )
         if self.grad_clip is not None:
             _positive_float(self, "grad_clip")
         if self.trainable not in TRAINABLE_SETS:
@@ -100,6 +119,7 @@ class HealConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["stages"] = list(self.stages)
+        d["augment"] = list(self.augment)
         return d
 
 

@@ -28,6 +28,7 @@ from ..api import Conversion
 from ..errors import ConfigError, DataError, ParcSurgeryError, TeacherMismatchError
 from ..inputs import get_in_chans
 from ..train_flags import eval_mode
+from .augment import apply_augment
 from .chunks import Budget, ChunkSource, TeacherPass
 from .config import HealConfig, create_heal_config
 from .data import create_heal_data
@@ -263,10 +264,16 @@ def _stage2(student, train: ChunkSource, names, cfg: HealConfig, world, show):
         with trainable_only(student, params):
             model = wrap_ddp(world, student)
 
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + world.rank)  # each rank its own augmentations
+
             def loss_fn(chunk):
                 for v in outputs.values():
                     v.clear()
-                loss = distill_loss(get_logits(model(chunk.x)), chunk.logits, cfg.temperature)
+                x, target = chunk.x, chunk.logits
+                if cfg.augment:  # the teacher sees the same transformed images (function matching)
+                    x = apply_augment(x.cpu(), cfg.augment, gen).to(chunk.x.device)
+                    target = train.teacher(x, record=False, device=chunk.x.device)[0]
+                loss = distill_loss(get_logits(model(x)), target, cfg.temperature)
                 if cfg.features:
                     align = [recon_loss(o, c.output, n) for n in names for o, c in zip(outputs[n], chunk.calls[n])]
                     loss = loss + cfg.features * torch.stack(align).mean()
@@ -275,7 +282,7 @@ def _stage2(student, train: ChunkSource, names, cfg: HealConfig, world, show):
             done, losses, stopped, images = run_stage(
                 world=world, groups=[params], chunks=train.cycle(cfg.distill_steps), steps=cfg.distill_steps,
                 lr=cfg.distill_lr, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, loss_fn=loss_fn,
-                progress=show, desc=f"heal stage 2: distillation ({cfg.trainable})",
+                progress=show, desc=f"heal stage 2: distillation ({cfg.trainable})", ema=cfg.distill_ema,
             )  # fmt: skip
     finally:
         for h in handles:

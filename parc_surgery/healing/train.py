@@ -105,8 +105,13 @@ def run_stage(
     loss_fn: Callable[[Chunk], torch.Tensor],
     progress: bool,
     desc: str,
+    ema: float = 0.0,
 ) -> tuple[int, list[float], str | None, int]:
     """Run ``steps`` steps of ``loss_fn`` on ``chunks``; ``groups`` are clipped separately (independent blocks).
+
+    ``ema`` > 0 keeps an exponential moving average of the parameters (decay ``ema``, updated after every
+    step, bias-corrected for the first steps) and leaves it in the parameters at the end unless the stage stopped
+    on a non-finite loss (then the last good weights stay).
 
     Returns (steps done, per-step mean loss over ranks, why it stopped early or None, images seen on all ranks).
     """
@@ -114,6 +119,7 @@ def run_stage(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps))
     good = [p.detach().clone() for p in params]
+    shadow = [p.detach().clone() for p in params] if ema else None
     losses: list[float] = []
     stopped, images, done = None, 0, 0
     with create_progress(progress) as bar:
@@ -143,9 +149,16 @@ def run_stage(
             opt.step()
             sched.step()
             done += 1
+            if shadow is not None:
+                with torch.no_grad():  # decay min(ema, (1 + n) / (10 + n)): early averages do not hold the start
+                    torch._foreach_lerp_(shadow, [p.detach() for p in params], 1 - min(ema, (1 + done) / (10 + done)))
             images += len(chunk.x)
             losses.append(total / world.size)
             bar.update(task, advance=1, info=f"loss {losses[-1]:.4g}")
+    if shadow is not None and done and not stopped:
+        with torch.no_grad():
+            for p, a in zip(params, shadow):
+                p.copy_(a)
     images = int(all_sum(world, [images])[0])
     return done, losses, stopped, images
 
