@@ -23,8 +23,10 @@ compile to 1e-4 here, the tests hold it to 1e-5). Threads: ``torch.set_num_threa
 ``--threads`` (default 1 and 2).
 
 Timing (as ``bench_models.py``): per pair, batch and thread count, all variants (both models x every
-runtime) interleaved in one loop: warm-up, then round-robin with the order rotated every round, inner
-repeats so each sample lasts ``--min-sample-ms``, median (and min) over ``--repeats`` rounds.
+runtime) interleaved in one loop: warm-up, then round-robin with the order rotated every round, each sample
+after a 20 ms pause and one untimed call (worker threads a runtime leaves spinning would otherwise take the
+second core from the next variant), inner repeats so each sample lasts ``--min-sample-ms``, median (and min)
+over ``--repeats`` rounds.
 
 Each (pair, thread count) runs in a child process of its own, which sets every runtime's thread count once
 before anything runs: inductor bakes the thread count into its kernels, and resizing ExecuTorch's global

@@ -17,7 +17,8 @@ once); both exported to ONNX and run in onnxruntime (ParC exported on its ``spat
 exporters do not translate complex FFTs). A compile or ONNX variant that fails prints ``n/a (reason)``.
 
 All variants of a pair are timed *interleaved* in one run: after a warm-up, round-robin over the
-variants (order rotated every round), so load on a shared machine hits them alike. Median and min over
+variants (order rotated every round), so load on a shared machine hits them alike; each sample after a
+20 ms pause and one untimed call (see ``time_interleaved``). Median and min over
 the rounds, eval mode, ``torch.inference_mode()``, ``torch.set_num_threads(--threads)`` (default 2), CPU,
 float32, random weights (timing does not depend on them).
 

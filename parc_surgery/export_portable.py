@@ -49,6 +49,11 @@ __all__ = ["OFFSET_LAYOUTS", "PortableMetaFormer", "PortableParC", "PortableParC
 OFFSET_LAYOUTS = ("map", "lines")
 
 
+def _check_offsets_as(owner: str, offsets_as: str) -> None:
+    if offsets_as not in OFFSET_LAYOUTS:
+        raise ConfigError(f"{owner}: offsets_as must be one of {OFFSET_LAYOUTS}, got {offsets_as!r}")
+
+
 def _check_size(owner: str, x: torch.Tensor, size: tuple[int, ...], dims: tuple[int, ...]) -> None:
     got = tuple(x.shape[d] for d in dims)
     if got != size:
@@ -89,8 +94,7 @@ class PortableParCSplit(nn.Module):
 
     def __init__(self, split: ParCSplit, hw: tuple[int, int], dtype: torch.dtype, affine=None, offsets_as: str = "map"):
         super().__init__()
-        if offsets_as not in OFFSET_LAYOUTS:
-            raise ConfigError(f"PortableParCSplit: offsets_as must be one of {OFFSET_LAYOUTS}, got {offsets_as!r}")
+        _check_offsets_as(type(self).__name__, offsets_as)
         self.hw = hw
         self.half = split.half
         self.dense = split.dense
@@ -234,8 +238,7 @@ def to_portable(model: nn.Module, x: torch.Tensor, *, offsets_as: str = "map") -
     """A copy of ``model`` in eval mode with its ParC layers and blocks frozen, in the portable form, at the
     sizes they see for the input ``x`` (see the module docstring); ``offsets_as``: how frozen ParCSplits add
     position offsets (:class:`PortableParCSplit`). ``model`` itself is not changed."""
-    if offsets_as not in OFFSET_LAYOUTS:
-        raise ConfigError(f"to_portable: offsets_as must be one of {OFFSET_LAYOUTS}, got {offsets_as!r}")
+    _check_offsets_as("to_portable", offsets_as)
     out = copy.deepcopy(model).eval()
     sizes = _record_sizes(out, x)
     frozen: list[tuple[str, nn.Module]] = []

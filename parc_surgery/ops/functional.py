@@ -199,15 +199,18 @@ def _apply_spatial(
     return _add(y, offset)
 
 
+def _circular_extend(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` followed by its first N - 1 lines along ``dim`` (slice + concat): ``2N - 1`` lines."""
+    n = x.shape[dim]
+    return torch.cat([x, x.narrow(dim, 0, n - 1)], dim=dim) if n > 1 else x
+
+
 def circular_conv(
     x: torch.Tensor, kernel: torch.Tensor, axis: Axis, dense: bool, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The portable form: slice + concat (circular extension by N - 1 lines) + valid (depthwise) conv with
     ``bias`` (``(C_out,)``) as the convolution's own bias; ``kernel`` already length N and of ``x``'s dtype."""
-    dim = _dim(axis)
-    n = x.shape[dim]
-    xp = torch.cat([x, x.narrow(dim, 0, n - 1)], dim=dim) if n > 1 else x
-    return F.conv2d(xp, kernel, bias, groups=1 if dense else x.shape[1])
+    return F.conv2d(_circular_extend(x, _dim(axis)), kernel, bias, groups=1 if dense else x.shape[1])
 
 
 def _apply_conv(
@@ -221,7 +224,7 @@ def _apply_taps(x: torch.Tensor, kernel: torch.Tensor, offset: torch.Tensor | No
     docstring); the same products and sums as :func:`_apply_conv`, as elementwise work a compiler can fuse."""
     dim = _dim(axis)
     n = x.shape[dim]
-    xp = torch.cat([x, x.narrow(dim, 0, n - 1)], dim=dim) if n > 1 else x
+    xp = _circular_extend(x, dim)
     taps = kernel.reshape(kernel.shape[0], n)
     y = xp.narrow(dim, 0, n) * taps[:, 0].view(1, -1, 1, 1)
     for k in range(1, n):

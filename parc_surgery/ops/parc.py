@@ -112,15 +112,14 @@ def resolve_impl(
     circular extension, the offset and the following BatchNorm / activation: 0.36-0.85x the time of the ``conv``
     form for one ParC at 7-32 pixel lines, batch 1 and 8, one thread, but 1.47x at 56 along the width; on the whole
     of ParC-MobileNetV2, 0.96 vs 0.88x its baseline's speed compiled at batch 1, but 0.93 vs 0.95x at batch 8,
-    where its maps hold 0.6-0.9 M elements, and 0.91 vs 0.95x with freezing) and ``conv`` otherwise, except
-    under ``torch.export``, which
-    keeps ``conv``, and with ``taps=False``, which the ParC-MetaFormer fast path passes for its chained steps
-    (ParC-Net-S compiled, batch 1, two threads: 1.04x MobileViT-S's speed with ``taps`` there, 1.26x with
-    ``conv``; the loss is at its 32-long lines, 1.24x with ``taps`` up to 16; why was not investigated: perhaps
-    inductor inlining one step's sums into the next step's reads). A dense kernel on a line of at most
-    ``_DENSE_CONV_MAX`` becomes ``conv`` (the reference valid
-    convolution, which oneDNN runs on channels-last maps, against the FFT operator's per-frequency products:
-    ParC-ResNet50 compiled, batch 1, 34.8 vs 41.4 ms with two threads, 68.2 vs 72.9 ms with one)."""
+    where its maps hold 0.6-0.9 M elements, and 0.91 vs 0.95x with freezing) and ``conv`` otherwise. Not under
+    ``torch.export``, which keeps ``conv``, nor with ``taps=False``, which the ParC-MetaFormer fast path passes for
+    its chained steps (ParC-Net-S compiled, batch 1, two threads: 1.04x MobileViT-S's speed with ``taps`` there,
+    1.26x with ``conv``; the loss is at its 32-long lines, 1.24x with ``taps`` up to 16; why was not
+    investigated: perhaps inductor inlining one step's sums into the next step's reads). A dense kernel on a line
+    of at most ``_DENSE_CONV_MAX`` becomes ``conv`` (the reference valid convolution, which oneDNN runs on
+    channels-last maps, against the FFT operator's per-frequency products: ParC-ResNet50 compiled, batch 1,
+    34.8 vs 41.4 ms with two threads, 68.2 vs 72.9 ms with one)."""
     if impl not in IMPLS:
         raise ConfigError(f"ParC: impl must be one of {IMPLS}, got {impl!r}")
     if is_portable() or torch.jit.is_tracing():  # the TorchScript tracer (legacy ONNX export) records views of
