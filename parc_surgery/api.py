@@ -66,8 +66,6 @@ def get_model_name(model: nn.Module) -> str:
     return type(model).__name__
 
 
-
-
 def list_candidates(model: nn.Module, rule: RuleLike | None = None, *, input_size=None) -> Candidates:
     """Discovery: the model's stages, replaceable blocks, attention token mixers and, with a rule, its selection.
 

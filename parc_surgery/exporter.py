@@ -13,6 +13,10 @@ The steps (nothing is written unless every one passes):
    as it is: its own ParC impls and fast paths), within ``atol`` times ``max(1, max |eager output|)``;
 6. each temporary file moved into place atomically (``.bin`` before ``.xml`` for OpenVINO); an existing
    file is replaced only with ``force=True``.
+
+One side effect outside this package: the first ExecuTorch export in a process resets Dynamo (XNNPACK's
+bilinear-upsampling pass runs a strict ``torch.export`` once, which calls ``torch._dynamo.reset()``), so a
+model compiled with ``torch.compile`` before it compiles again on its next call.
 """
 
 from __future__ import annotations
