@@ -281,10 +281,13 @@ def run_model(name: str, args, out: Path, train_set, test_set) -> dict:
             log(f"{name} {init}: converted {r['converted']} (not healed)")
             continue
         for seed in args.heal_seeds:  # the conversion and the heal with this seed; the teacher stays the same
-            if seed != args.seed:
-                conv = parc_surgery.convert(teacher, spec["rule"], input_size=spec["size"], init=init, seed=seed)
+            c = (
+                conv
+                if seed == args.seed
+                else parc_surgery.convert(teacher, spec["rule"], input_size=spec["size"], init=init, seed=seed)
+            )
             t1 = time.time()
-            healed = parc_surgery.heal(conv, x_heal, eval_data=eval_set, **heal_options(args, seed))
+            healed = parc_surgery.heal(c, x_heal, eval_data=eval_set, **heal_options(args, seed))
             h = healed.report.heal
             rs = {"seed": seed, "heal_seconds": round(time.time() - t1, 1), "heal": h.to_dict()}
             for p in h.points:
